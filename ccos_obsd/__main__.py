@@ -1,0 +1,3 @@
+from ccos_obsd.cli import entrypoint
+
+entrypoint()

@@ -1,0 +1,363 @@
+"""The ``ccos-obsd`` command line. The only place that turns errors into exit codes.
+
+Exit codes: 0 ok; 1 verification found a problem (for ``send``: an answer was an
+error); 2 usage or configuration error; 3 start-up failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import binascii
+import json
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from ccos_obsd import __version__
+from ccos_obsd.client import Client
+from ccos_obsd.config import ENV_CONFIG_FILE, Config, load_config, prepare_paths
+from ccos_obsd.errors import ConfigError, RemoteError, StartupError, VerificationError
+from ccos_obsd.ledger import store
+from ccos_obsd.ledger.hashing import Hash
+from ccos_obsd.ledger.keys import KeyFormatError, KeyId, VerifierKey
+from ccos_obsd.ledger.verify import KeyRange, KeyRing, verify_entries
+
+EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, EXIT_STARTUP = 0, 1, 2, 3
+
+
+class UsageError(Exception):
+    """Wrong or missing arguments (exit 2)."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+        return code
+    except ConfigError as exc:
+        print(f"ccos-obsd: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except UsageError as exc:
+        print(f"ccos-obsd {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except StartupError as exc:
+        print(f"ccos-obsd: cannot start: {exc}", file=sys.stderr)
+        return EXIT_STARTUP
+    except (ConnectionError, FileNotFoundError, PermissionError) as exc:
+        print(f"ccos-obsd {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ccos-obsd",
+        description="Causal Chain daemon: a durable, signed, verifiable ledger of agent actions.",
+    )
+    parser.add_argument("--version", action="version", version=f"ccos-obsd {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the daemon in the foreground",
+                              description="Run the daemon in the foreground until SIGTERM or SIGINT.")
+    _config_args(run)
+    run.add_argument("--socket", metavar="PATH", help="Unix socket to listen on (socket.path)")
+    run.add_argument("--http", metavar="HOST:PORT", help="address for /metrics (http.listen)")
+    run.add_argument("--log-level", metavar="LEVEL", help="log.level: debug, info, warning, error")
+    run.set_defaults(func=cmd_run)
+
+    send = commands.add_parser("send", help="send NDJSON actions or requests, print the answers",
+                               description="Send each line of FILE (or stdin) as a request; a line without "
+                               "\"op\" is an action to append. Prints one answer per line; exit 1 if any "
+                               "answer is an error.")
+    _config_args(send)
+    _socket_arg(send)
+    send.add_argument("files", nargs="*", metavar="FILE", help="NDJSON files ('-' or none: stdin)")
+    send.set_defaults(func=cmd_send)
+
+    export = commands.add_parser("export", help="print the ledger as export records (NDJSON)",
+                                 description="Print one export record per entry (see docs/format.md). "
+                                 "Reads the state dir read-only; works while the daemon runs.")
+    _config_args(export)
+    export.add_argument("--from", dest="start", type=int, default=0, metavar="SEQ", help="first seq")
+    export.add_argument("--to", dest="stop", type=int, metavar="SEQ", help="last seq (inclusive)")
+    export.add_argument("-o", "--output", type=Path, metavar="FILE", help="write to FILE instead of stdout")
+    export.set_defaults(func=cmd_export)
+
+    verify = commands.add_parser("verify", help="check every hash and signature",
+                                 description="Recompute every leaf and chain hash and check every signature, "
+                                 "from the state dir or an export file. Exit 0 when intact; exit 1 naming "
+                                 "the first bad seq.")
+    _config_args(verify)
+    verify.add_argument("--export", type=Path, metavar="FILE", help="verify an export file instead ('-': stdin)")
+    verify.add_argument("--vkey", action="append", default=[], metavar="KEY",
+                        help="trusted verifier key (signed-note format); repeatable. "
+                        "Default: the state dir's key ring")
+    verify.add_argument("--quiet", action="store_true", help="no progress bar")
+    verify.set_defaults(func=cmd_verify)
+
+    keys = commands.add_parser("keys", help="print the verifier keys (signed-note vkeys)",
+                               description="Print each key of the key ring as a signed-note verifier key, "
+                               "one per line; --verbose adds the seq range each key signed.")
+    _config_args(keys)
+    keys.add_argument("--verbose", "-v", action="store_true", help="also print each key's seq range")
+    keys.set_defaults(func=cmd_keys)
+
+    query = commands.add_parser("query", help="query the ledger (NDJSON records)",
+                                description="Print matching entries, oldest first (--desc: newest first), "
+                                "from a running daemon (--socket) or read-only from --state-dir.")
+    _config_args(query)
+    _socket_arg(query)
+    query.add_argument("--offline", action="store_true", help="read the state dir instead of asking the daemon")
+    for name in ("intent-id", "plan-id", "session-id", "action-type", "parent-action-id",
+                 "function-name", "function-prefix", "run-id"):
+        query.add_argument(f"--{name}", metavar="VALUE")
+    query.add_argument("--since-ms", type=int, metavar="MS", help="timestamp_ms >= MS")
+    query.add_argument("--until-ms", type=int, metavar="MS", help="timestamp_ms < MS")
+    query.add_argument("--after-seq", type=int, metavar="SEQ", help="page after this seq")
+    query.add_argument("--limit", type=int, default=store.DEFAULT_QUERY_LIMIT, metavar="N")
+    query.add_argument("--desc", action="store_true", help="newest first")
+    query.set_defaults(func=cmd_query)
+    return parser
+
+
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, metavar="FILE",
+                        help=f"TOML config file (default: ${ENV_CONFIG_FILE}, else embedded defaults)")
+    parser.add_argument("--state-dir", metavar="DIR", help="state directory (state_dir)")
+
+
+def _socket_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--socket", metavar="PATH", help="the daemon's socket (default: socket.path)")
+
+
+def _load(args: argparse.Namespace, **flags: Any) -> Config:
+    file = args.config
+    if file is None and os.environ.get(ENV_CONFIG_FILE):
+        file = Path(os.environ[ENV_CONFIG_FILE])
+    overrides = {"state_dir": args.state_dir, **flags}
+    return load_config(file, overrides=overrides)
+
+
+# --- run
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ccos_obsd.daemon import Daemon
+
+    config = _load(args, **{"socket.path": args.socket, "http.listen": args.http, "log.level": args.log_level})
+    # Everything the daemon creates (ledger, key, lock) is private to its user;
+    # the socket's mode is set explicitly after bind.
+    os.umask(0o077)
+    prepare_paths(config)
+    daemon = Daemon(config)
+    asyncio.run(daemon.run())
+    return EXIT_OK
+
+
+# --- talking to the daemon
+
+
+def _connect(args: argparse.Namespace) -> Client:
+    config = _load(args, **{"socket.path": args.socket})
+    try:
+        return Client(config.socket.path, timeout=None)
+    except FileNotFoundError:
+        raise ConnectionError(f"no daemon socket at {config.socket.path} (is the daemon running?)") from None
+    except ConnectionRefusedError:
+        raise ConnectionError(f"nothing listens on {config.socket.path} (is the daemon running?)") from None
+
+
+def _input_lines(files: Sequence[str]) -> Iterator[bytes]:
+    for name in files or ["-"]:
+        if name == "-":
+            yield from sys.stdin.buffer
+        else:
+            with open(name, "rb") as handle:
+                yield from handle
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    failed = False
+    out = sys.stdout
+    with _connect(args) as client:
+        for answer in client.pipeline(_input_lines(args.files)):
+            failed = failed or not answer.get("ok")
+            if "results" in answer:
+                failed = failed or any(not r.get("ok") for r in answer["results"])
+            out.write(json.dumps(answer, separators=(",", ":")) + "\n")
+    out.flush()
+    return EXIT_PROBLEM if failed else EXIT_OK
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    filters: dict[str, Any] = {}
+    for name in ("intent_id", "plan_id", "session_id", "action_type", "parent_action_id",
+                 "function_name", "function_prefix", "run_id", "since_ms", "until_ms", "after_seq"):
+        value = getattr(args, name)
+        if value is not None:
+            filters[name] = value
+    filters["limit"] = args.limit
+    if args.desc:
+        filters["order"] = "desc"
+    if args.offline:
+        conn = _open_ledger(args)
+        try:
+            records = [e.query_record() for e in store.query_entries(conn, filters)]
+        finally:
+            conn.close()
+    else:
+        with _connect(args) as client:
+            try:
+                records = client.query(**filters)
+            except RemoteError as exc:
+                raise UsageError(exc.message) from None
+    for record in records:
+        sys.stdout.write(json.dumps(record, separators=(",", ":"), ensure_ascii=False) + "\n")
+    return EXIT_OK
+
+
+# --- reading the state dir
+
+
+def _open_ledger(args: argparse.Namespace) -> Any:
+    config = _load(args)
+    path = store.ledger_path(config.state_dir)
+    if not path.exists():
+        raise UsageError(f"no ledger in {config.state_dir} (give --state-dir)")
+    return store.connect(path, readonly=True)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    conn = _open_ledger(args)
+    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
+    try:
+        conn.execute("BEGIN")  # one snapshot, even while the daemon appends
+        stop = None if args.stop is None else args.stop + 1
+        for entry in store.iter_entries(conn, args.start, stop):
+            out.write(json.dumps(entry.export_record(), separators=(",", ":")) + "\n")
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+        if args.output:
+            out.close()
+    return EXIT_OK
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    conn = _open_ledger(args)
+    try:
+        for key, first, last in store.read_keys(conn):
+            if args.verbose:
+                span = f"{first}..{'' if last is None else last}"
+                print(f"{key.vkey()}\t{span}")
+            else:
+                print(key.vkey())
+    finally:
+        conn.close()
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    ring = _key_ring(args)
+    progress = _progress(args)
+    try:
+        if args.export is not None:
+            report = verify_entries(_export_entries(args.export), ring, progress=progress.update)
+        else:
+            conn = _open_ledger(args)
+            try:
+                conn.execute("BEGIN")
+                total = store.read_head(conn).size
+                progress.total = total
+                report = verify_entries(store.iter_entries(conn), ring, progress=progress.update)
+            finally:
+                conn.close()
+    except VerificationError as error:
+        progress.close()
+        print(f"FAILED: {error}", file=sys.stdout)
+        return EXIT_PROBLEM
+    progress.close()
+    print(f"ok: {report.entries} entries, {report.signatures_checked} signatures, "
+          f"chain head {report.head_chain_hash.hex()}")
+    return EXIT_OK
+
+
+def _key_ring(args: argparse.Namespace) -> KeyRing:
+    if args.vkey:
+        try:
+            return KeyRing(KeyRange(VerifierKey.from_vkey(v)) for v in args.vkey)
+        except KeyFormatError as exc:
+            raise UsageError(f"--vkey: {exc}") from None
+    if args.export is not None and args.state_dir is None and args.config is None:
+        raise UsageError("verifying an export needs the signer's keys: --vkey KEY or --state-dir DIR")
+    conn = _open_ledger(args)
+    try:
+        return KeyRing(KeyRange(key, first, last) for key, first, last in store.read_keys(conn))
+    finally:
+        conn.close()
+
+
+def _export_entries(path: Path) -> Iterator[store.StoredEntry]:
+    handle = sys.stdin if str(path) == "-" else open(path, encoding="utf-8")  # noqa: SIM115
+    try:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            yield _parse_export_record(line, number)
+    finally:
+        if handle is not sys.stdin:
+            handle.close()
+
+
+def _parse_export_record(line: str, number: int) -> store.StoredEntry:
+    try:
+        record = json.loads(line)
+        signature = record["signature"]
+        return store.StoredEntry(
+            seq=int(record["seq"]),
+            entry=record["entry"].encode("utf-8"),
+            leaf_hash=Hash(bytes.fromhex(record["leaf_hash"])),
+            chain_hash=Hash(bytes.fromhex(record["chain_hash"])),
+            key_id=KeyId(record["key_id"]),
+            signature=None if signature is None else base64.b64decode(signature, validate=True),
+        )
+    except (ValueError, KeyError, TypeError, AttributeError, binascii.Error) as exc:
+        seq = _guess_seq(line, number - 1)
+        raise VerificationError(seq, "malformed_record", f"line {number} is not an export record: {exc}") from None
+
+
+def _guess_seq(line: str, fallback: int) -> int:
+    try:
+        return int(json.loads(line)["seq"])
+    except (ValueError, KeyError, TypeError):
+        return fallback
+
+
+class _NoProgress:
+    total: int | None = None
+
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(args: argparse.Namespace) -> Any:
+    if args.quiet or not sys.stderr.isatty():
+        return _NoProgress()
+    from tqdm import tqdm
+
+    return tqdm(unit=" entries", unit_scale=True, file=sys.stderr, desc="verify")
+
+
+def entrypoint() -> NoReturn:
+    sys.exit(main())

@@ -1,0 +1,311 @@
+"""Configuration: one frozen ``Config``, loaded and validated in one place.
+
+Precedence: embedded defaults < TOML file < ``CCOS_OBSD_*`` environment
+variables < command-line flags. Every problem raises ``ConfigError`` naming the
+key; only the command line turns it into exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ccos_obsd.errors import ConfigError
+from ccos_obsd.log import LEVELS
+from ccos_obsd.metrics import DEFAULT_DURATION_BUCKETS
+
+ENV_PREFIX = "CCOS_OBSD_"
+ENV_CONFIG_FILE = "CCOS_OBSD_CONFIG"
+SOCKET_FILE = "ccos-obsd.sock"
+_MAX_UNIX_PATH = 107
+
+
+@dataclass(frozen=True)
+class SocketConfig:
+    path: Path
+    mode: int
+    group: str
+    max_line_bytes: int
+    max_batch: int
+    max_connections: int
+    max_inflight: int
+    max_depth: int
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    enabled: bool
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class LedgerConfig:
+    max_group: int
+    max_pending: int
+
+
+@dataclass(frozen=True)
+class SigningConfig:
+    key_name: str
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    duration_buckets: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str
+    ring_size: int
+
+
+@dataclass(frozen=True)
+class ActionsConfig:
+    allow_custom_types: bool
+
+
+@dataclass(frozen=True)
+class Config:
+    state_dir: Path
+    socket: SocketConfig
+    http: HttpConfig
+    ledger: LedgerConfig
+    signing: SigningConfig
+    metrics: MetricsConfig
+    log: LogConfig
+    actions: ActionsConfig
+
+
+# --- the keys: name -> (default, parser). Parsers take a value from TOML or from a
+# string (environment, flags) and return the typed value or raise ValueError.
+
+
+def _int_range(low: int, high: int) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        if isinstance(value, str):
+            value = int(value.strip(), 0)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError("must be an integer")
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low} and {high}")
+        return value
+
+    return parse
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, str):
+        lowered = value.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError("must be true or false")
+    if not isinstance(value, bool):
+        raise ValueError("must be true or false")
+    return value
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("must be a string")
+    return value
+
+
+def _path(value: Any) -> str:
+    text = _str(value)
+    if "\x00" in text:
+        raise ValueError("must not contain NUL")
+    return text
+
+
+def _mode(value: Any) -> int:
+    if isinstance(value, str):
+        try:
+            value = int(value.strip(), 8)
+        except ValueError:
+            raise ValueError("must be an octal mode such as \"0660\"") from None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0o777:
+        raise ValueError("must be an octal mode such as \"0660\"")
+    if value & 0o007:
+        raise ValueError("must not give others access (write access to the socket is write access to the ledger)")
+    return value
+
+
+def _listen(value: Any) -> tuple[str, int]:
+    host, sep, port = _str(value).rpartition(":")
+    if not sep or not host:
+        raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:9898")
+    host = host.strip("[]")
+    try:
+        number = int(port)
+    except ValueError:
+        raise ValueError("port must be a number") from None
+    if not 0 <= number <= 65535:
+        raise ValueError("port must be between 0 and 65535")
+    return host, number
+
+
+def _level(value: Any) -> str:
+    text = _str(value).lower()
+    if text not in LEVELS:
+        raise ValueError(f"must be one of {', '.join(LEVELS)}")
+    return text
+
+
+def _key_name(value: Any) -> str:
+    text = _str(value)
+    if any(c.isspace() or c == "+" for c in text):
+        raise ValueError("must not contain spaces or '+'")
+    return text
+
+
+def _buckets(value: Any) -> tuple[float, ...]:
+    if isinstance(value, str):
+        value = [v for v in value.split(",") if v.strip()]
+    if not isinstance(value, list) or not value:
+        raise ValueError("must be a non-empty list of numbers")
+    try:
+        bounds = tuple(float(v) for v in value if not isinstance(v, bool))
+    except (TypeError, ValueError):
+        raise ValueError("must be a list of numbers") from None
+    if len(bounds) != len(value) or any(b <= 0 or b != b or b == float("inf") for b in bounds):
+        raise ValueError("must be finite positive numbers")
+    if list(bounds) != sorted(set(bounds)):
+        raise ValueError("must be strictly increasing")
+    return bounds
+
+
+KEYS: dict[str, tuple[Any, Callable[[Any], Any]]] = {
+    "state_dir": ("var", _path),
+    "socket.path": ("", _path),
+    "socket.mode": ("0660", _mode),
+    "socket.group": ("", _str),
+    "socket.max_line_bytes": (1_048_576, _int_range(1024, 64 * 1_048_576)),
+    "socket.max_batch": (10_000, _int_range(1, 1_000_000)),
+    "socket.max_connections": (1024, _int_range(1, 100_000)),
+    "socket.max_inflight": (4096, _int_range(1, 1_000_000)),
+    "socket.max_depth": (64, _int_range(2, 10_000)),
+    "http.enabled": (True, _bool),
+    "http.listen": ("127.0.0.1:9898", _listen),
+    "ledger.max_group": (4096, _int_range(1, 1_000_000)),
+    "ledger.max_pending": (200_000, _int_range(1, 100_000_000)),
+    "signing.key_name": ("", _key_name),
+    "metrics.duration_buckets": (list(DEFAULT_DURATION_BUCKETS), _buckets),
+    "log.level": ("info", _level),
+    "log.ring_size": (256, _int_range(1, 1_000_000)),
+    "actions.allow_custom_types": (False, _bool),
+}
+
+
+def env_name(key: str) -> str:
+    return ENV_PREFIX + key.replace(".", "_").upper()
+
+
+def load_config(
+    file: Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the Config from defaults, ``file``, ``environ`` and ``overrides`` (flags)."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {key: default for key, (default, _) in KEYS.items()}
+    raw: dict[str, Any] = {}
+    if file is not None:
+        raw.update(_read_toml(file))
+    raw.update(_from_environ(environ))
+    raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    for key, value in raw.items():
+        if key not in KEYS:
+            raise ConfigError(key, "unknown key")
+        values[key] = value
+    parsed: dict[str, Any] = {}
+    for key, value in values.items():
+        try:
+            parsed[key] = KEYS[key][1](value)
+        except ValueError as exc:
+            raise ConfigError(key, f"{exc} (got {value!r})") from None
+    return _build(parsed)
+
+
+def _read_toml(file: Path) -> dict[str, Any]:
+    try:
+        with open(file, "rb") as handle:
+            document = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError("--config", f"no such file: {file}") from None
+    except OSError as exc:
+        raise ConfigError("--config", f"cannot read {file}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("--config", f"{file} is not valid TOML: {exc}") from None
+    flat: dict[str, Any] = {}
+    for key, value in document.items():
+        if isinstance(value, dict):
+            for sub, subvalue in value.items():
+                flat[f"{key}.{sub}"] = subvalue
+        else:
+            flat[key] = value
+    return flat
+
+
+def _from_environ(environ: Mapping[str, str]) -> dict[str, str]:
+    by_env = {env_name(key): key for key in KEYS}
+    found: dict[str, str] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == ENV_CONFIG_FILE:
+            continue
+        key = by_env.get(name)
+        if key is None:
+            raise ConfigError(name, "unknown environment variable")
+        found[key] = value
+    return found
+
+
+def _build(v: dict[str, Any]) -> Config:
+    state_dir = Path(v["state_dir"]).expanduser()
+    socket_path = Path(v["socket.path"]).expanduser() if v["socket.path"] else state_dir / SOCKET_FILE
+    if len(os.fsencode(socket_path)) > _MAX_UNIX_PATH:
+        raise ConfigError("socket.path", f"{socket_path} is longer than {_MAX_UNIX_PATH} bytes")
+    host, port = v["http.listen"]
+    return Config(
+        state_dir=state_dir,
+        socket=SocketConfig(
+            path=socket_path,
+            mode=v["socket.mode"],
+            group=v["socket.group"],
+            max_line_bytes=v["socket.max_line_bytes"],
+            max_batch=v["socket.max_batch"],
+            max_connections=v["socket.max_connections"],
+            max_inflight=v["socket.max_inflight"],
+            max_depth=v["socket.max_depth"],
+        ),
+        http=HttpConfig(enabled=v["http.enabled"], host=host, port=port),
+        ledger=LedgerConfig(max_group=v["ledger.max_group"], max_pending=v["ledger.max_pending"]),
+        signing=SigningConfig(key_name=v["signing.key_name"]),
+        metrics=MetricsConfig(duration_buckets=v["metrics.duration_buckets"]),
+        log=LogConfig(level=v["log.level"], ring_size=v["log.ring_size"]),
+        actions=ActionsConfig(allow_custom_types=v["actions.allow_custom_types"]),
+    )
+
+
+def prepare_paths(config: Config) -> None:
+    """Create the state dir (mode 0700) and the socket's directory, or say which key is unusable."""
+    for key, directory, mode in (
+        ("state_dir", config.state_dir, 0o700),
+        ("socket.path", config.socket.path.parent, 0o755),
+    ):
+        try:
+            directory.mkdir(mode=mode, parents=True, exist_ok=True)
+        except FileExistsError:
+            raise ConfigError(key, f"{directory} exists and is not a directory") from None
+        except OSError as exc:
+            raise ConfigError(key, f"cannot create {directory}: {exc.strerror}") from None
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise ConfigError(key, f"{directory} is not writable")

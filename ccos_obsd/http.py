@@ -1,0 +1,147 @@
+"""The read-only HTTP side: /metrics, /healthz and a small JSON read API.
+
+Every route is GET (aiohttp answers 405 to anything else). Renders and ledger
+reads run off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from concurrent.futures import Executor
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+
+from ccos_obsd.errors import InvalidRequest, NotFound, RequestError
+from ccos_obsd.ledger import store
+from ccos_obsd.ledger.writer import LedgerWriter
+from ccos_obsd.log import LogRing
+from ccos_obsd.metrics import Aggregates
+
+ReadFn = Callable[[Callable[[Any], Any]], "asyncio.Future[Any]"]
+
+REGISTRY_KEY = web.AppKey("registry", CollectorRegistry)
+RENDER_POOL_KEY = web.AppKey("render_pool", Executor)
+WRITER_KEY = web.AppKey("writer", LedgerWriter)
+RING_KEY = web.AppKey("log_ring", LogRing)
+READ_KEY = web.AppKey("read", object)
+AGGREGATES_KEY = web.AppKey("aggregates", Aggregates)
+
+
+def build_app(
+    registry: CollectorRegistry,
+    render_pool: Executor,
+    writer: LedgerWriter,
+    log_ring: LogRing,
+    read: ReadFn,
+    aggregates: Aggregates,
+) -> web.Application:
+    app = web.Application(middlewares=[_errors])
+    app[REGISTRY_KEY] = registry
+    app[RENDER_POOL_KEY] = render_pool
+    app[WRITER_KEY] = writer
+    app[RING_KEY] = log_ring
+    app[READ_KEY] = read
+    app[AGGREGATES_KEY] = aggregates
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/v1/logs", logs)
+    app.router.add_get("/v1/entries/{seq}", entry_by_seq)
+    app.router.add_get("/v1/actions/{action_id}", entry_by_action_id)
+    app.router.add_get("/v1/query", query)
+    app.router.add_get("/v1/stats", stats)
+    return app
+
+
+async def metrics(request: web.Request) -> web.Response:
+    encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+    registry = request.app[REGISTRY_KEY]
+    body = await asyncio.get_running_loop().run_in_executor(request.app[RENDER_POOL_KEY], encoder, registry)
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    writer = request.app[WRITER_KEY]
+    return web.json_response({"status": "ok", "entries": writer.head.size})
+
+
+async def logs(request: web.Request) -> web.Response:
+    n = _int_param(request, "n", 50)
+    lines = request.app[RING_KEY].recent(n)
+    return web.Response(text="".join(line + "\n" for line in lines), content_type="application/x-ndjson")
+
+
+async def entry_by_seq(request: web.Request) -> web.Response:
+    try:
+        seq = int(request.match_info["seq"])
+    except ValueError:
+        return _error(InvalidRequest("seq must be an integer", field="seq"))
+    return await _read_one(request, lambda conn: store.get_entry(conn, seq=seq), f"seq {seq}")
+
+
+async def entry_by_action_id(request: web.Request) -> web.Response:
+    action_id = request.match_info["action_id"]
+    return await _read_one(request, lambda conn: store.get_entry(conn, action_id=action_id), f"action_id {action_id!r}")
+
+
+async def _read_one(request: web.Request, fetch: Callable[[Any], store.StoredEntry | None], what: str) -> web.Response:
+    entry = await request.app[READ_KEY](fetch)  # type: ignore[operator]
+    if entry is None:
+        return _error(NotFound(f"no entry with {what}"))
+    return web.json_response(entry.query_record(), dumps=_dumps)
+
+
+_INT_FILTERS = ("since_ms", "until_ms", "after_seq", "limit")
+
+
+async def query(request: web.Request) -> web.Response:
+    filters: dict[str, Any] = dict(request.query)
+    try:
+        for key in _INT_FILTERS:
+            if key in filters:
+                filters[key] = _int_param(request, key, 0)
+        entries = await request.app[READ_KEY](lambda conn: store.query_entries(conn, filters))  # type: ignore[operator]
+    except RequestError as error:
+        return _error(error)
+    body = "".join(json.dumps(e.query_record(), separators=(",", ":")) + "\n" for e in entries)
+    return web.Response(text=body, content_type="application/x-ndjson")
+
+
+async def stats(request: web.Request) -> web.Response:
+    snapshot = request.app[AGGREGATES_KEY].snapshot()
+    return web.json_response(
+        snapshot.stats(capability=request.query.get("capability"), function=request.query.get("function")),
+        dumps=_dumps,
+    )
+
+
+def _int_param(request: web.Request, name: str, default: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise InvalidRequest(f"{name} must be an integer", field=name) from None
+
+
+def _error(error: RequestError) -> web.Response:
+    status = 404 if isinstance(error, NotFound) else 400
+    return web.json_response({"ok": False, "error": error.to_wire()}, status=status)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        response: web.StreamResponse = await handler(request)
+        return response
+    except RequestError as error:
+        return _error(error)

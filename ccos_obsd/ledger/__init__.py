@@ -1,0 +1,1 @@
+"""The Causal Chain ledger: canonical bytes, hashes, signatures, storage."""

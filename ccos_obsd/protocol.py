@@ -1,0 +1,542 @@
+"""The socket protocol: NDJSON framing, request parsing and the ops.
+
+Each connection is an ``asyncio.Protocol``. Complete lines are parsed and
+dispatched as they arrive; appends go straight to the ledger writer's queue, so
+pipelined requests from one client share group commits. Answers are written in
+request order: a connection keeps a queue of pending answers and writes the
+longest ready prefix whenever one completes.
+
+Limits keep every client's cost bounded: a line longer than
+``socket.max_line_bytes`` is answered ``frame_too_large`` and skipped up to its
+newline; a client with ``socket.max_inflight`` unanswered requests, or one that
+does not read its answers, is not read from until it catches up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import socket
+import struct
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from ccos_obsd.actions import ValidatedAction, validate_action
+from ccos_obsd.config import Config
+from ccos_obsd.errors import (
+    BadJson,
+    Busy,
+    FrameTooLarge,
+    InvalidRequest,
+    NotFound,
+    RequestError,
+    Unavailable,
+    UnknownOp,
+)
+from ccos_obsd.ledger import store
+from ccos_obsd.ledger.writer import AppendOutcome, AppendResult, LedgerWriter
+from ccos_obsd.log import LogRing
+from ccos_obsd.metrics import Aggregates, LiveGauges
+
+log = structlog.get_logger("ccos_obsd.protocol")
+
+Answer = dict[str, Any]
+Transform = Callable[[Any], Answer]
+_SCALARS = (str, int, float, bool, type(None))
+_PEERCRED = struct.Struct("3i")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+
+
+def parse_frame(line: bytes, max_depth: int) -> dict[str, Any]:
+    """One request line to a JSON object, or ``BadJson`` saying what is wrong."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadJson(f"request is not valid UTF-8 (byte {exc.start})") from None
+    try:
+        value = _DECODER.decode(text)
+    except RecursionError:
+        raise BadJson(f"JSON is nested deeper than {max_depth} levels") from None
+    except ValueError as exc:
+        raise BadJson(f"invalid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise BadJson("a request must be a JSON object")
+    if line.count(b"[") + line.count(b"{") > max_depth and _depth(value) > max_depth:
+        raise BadJson(f"JSON is nested deeper than {max_depth} levels")
+    return value
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of containers, without recursion."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        deepest = max(deepest, level)
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, level + 1) for child in children if isinstance(child, dict | list))
+    return deepest
+
+
+def encode_answer(answer: Answer) -> bytes:
+    return json.dumps(answer, separators=(",", ":"), allow_nan=False).encode("ascii") + b"\n"
+
+
+def error_answer(error: RequestError, request_id: Any = None, *, has_id: bool = False) -> Answer:
+    answer: Answer = {"ok": False, "error": error.to_wire()}
+    if has_id:
+        answer = {"id": request_id, **answer}
+    return answer
+
+
+@dataclass(slots=True)
+class _Pending:
+    """One answer in request order: ready now (``answer``) or later (``future``)."""
+
+    op: str
+    request_id: Any
+    has_id: bool
+    answer: Answer | None = None
+    future: asyncio.Future[Any] | None = None
+    transform: Transform | None = None
+    later: Callable[[], Answer | asyncio.Future[Any]] | None = None
+    """Run once every earlier request on the connection is answered (read-your-writes)."""
+
+
+class Dispatcher:
+    """The ops, shared by every connection (and by the HTTP read API)."""
+
+    def __init__(
+        self,
+        config: Config,
+        writer: LedgerWriter,
+        reader_pool: Executor,
+        read: Callable[[Callable[[Any], Any]], Any],
+        aggregates: Aggregates,
+        log_ring: LogRing,
+    ) -> None:
+        self._config = config
+        self._writer = writer
+        self._reader_pool = reader_pool
+        self._read = read
+        self.aggregates = aggregates
+        self._log_ring = log_ring
+        self.accepting_writes = True
+        self._ops: dict[str, Callable[[dict[str, Any], dict[str, int] | None], _Pending]] = {
+            "append": self._op_append,
+            "append_batch": self._op_append_batch,
+            "ping": self._op_ping,
+            "get": self._op_get,
+            "query": self._op_query,
+            "logs": self._op_logs,
+            "stats": self._op_stats,
+        }
+
+    def dispatch_line(self, line: bytes, peer: dict[str, int] | None) -> _Pending:
+        try:
+            request = parse_frame(line, self._config.socket.max_depth)
+        except RequestError as error:
+            return _Pending("invalid", None, False, error_answer(error))
+        has_id = "id" in request
+        request_id = request.pop("id", None)
+        if not isinstance(request_id, _SCALARS):
+            return _Pending("invalid", None, False, error_answer(InvalidRequest("id must be a scalar", field="id")))
+        op = request.pop("op", None)
+        handler = self._bare_append if op is None else self._ops.get(op) if isinstance(op, str) else None
+        if handler is None:
+            shown = op[:64] if isinstance(op, str) else repr(op)[:64]
+            unknown = UnknownOp(f"unknown op {shown!r} (ops: {', '.join(sorted(self._ops))})", field="op")
+            return _Pending("unknown", request_id, has_id, error_answer(unknown))
+        if op is None:
+            op = "append"
+        try:
+            pending = handler(request, peer)
+        except RequestError as error:
+            pending = _Pending(op, request_id, has_id, error_answer(error))
+        pending.op = op
+        pending.request_id = request_id
+        pending.has_id = has_id
+        return pending
+
+    # --- writes
+
+    def _bare_append(self, request: dict[str, Any], peer: dict[str, int] | None) -> _Pending:
+        return self._append([request], peer, single=True)
+
+    def _op_append(self, request: dict[str, Any], peer: dict[str, int] | None) -> _Pending:
+        _only(request, {"action"})
+        if "action" not in request:
+            raise InvalidRequest("append needs an 'action' object", field="action")
+        return self._append([request["action"]], peer, single=True)
+
+    def _op_append_batch(self, request: dict[str, Any], peer: dict[str, int] | None) -> _Pending:
+        _only(request, {"actions"})
+        actions = request.get("actions")
+        if not isinstance(actions, list):
+            raise InvalidRequest("append_batch needs an 'actions' list", field="actions")
+        if len(actions) > self._config.socket.max_batch:
+            raise InvalidRequest(
+                f"batch of {len(actions)} actions exceeds socket.max_batch ({self._config.socket.max_batch})",
+                field="actions",
+            )
+        return self._append(actions, peer, single=False)
+
+    def _append(self, raw_actions: Sequence[Any], peer: dict[str, int] | None, *, single: bool) -> _Pending:
+        allow_custom = self._config.actions.allow_custom_types
+        valid: list[ValidatedAction] = []
+        slots: list[RequestError | None] = []
+        for raw in raw_actions:
+            try:
+                valid.append(validate_action(raw, allow_custom_types=allow_custom))
+                slots.append(None)
+            except RequestError as error:
+                slots.append(error)
+        if single and slots[0] is not None:
+            raise slots[0]
+        if not valid:
+            return _Pending("", None, False, _batch_answer(slots, []))
+        if not self.accepting_writes:
+            raise Unavailable("the daemon is shutting down; retry against the restarted daemon")
+        if self._writer.pending_actions + len(valid) > self._config.ledger.max_pending:
+            raise Busy(f"more than {self._config.ledger.max_pending} actions are waiting for commit; retry shortly")
+        future = self._writer.submit(valid, peer)
+        if single:
+            return _Pending("", None, False, future=future, transform=_single_answer)
+        return _Pending("", None, False, future=future, transform=lambda outcomes: _batch_answer(slots, outcomes))
+
+    # --- reads
+
+    def _op_ping(self, request: dict[str, Any], peer: dict[str, int] | None) -> _Pending:
+        return _Pending("", None, False, later=lambda: {"ok": True, "head": self._writer.head.size})
+
+    def _op_get(self, request: dict[str, Any], peer: dict[str, int] | None) -> _Pending:
+        _only(request, {"seq", "action_id"})
+        seq, action_id = request.get("seq"), request.get("action_id")
+        if (seq is None) == (action_id is None):
+            raise InvalidRequest("get needs exactly one of 'seq' or 'action_id'")
+        if seq is not None and (isinstance(seq, bool) or not isinstance(seq, int)):
+            raise InvalidRequest("seq must be an integer", field="seq")
+        if action_id is not None and not isinstance(action_id, str):
+            raise InvalidRequest("action_id must be a string", field="action_id")
+
+        def read(conn: Any) -> Answer:
+            entry = store.get_entry(conn, seq=seq, action_id=action_id)
+            if entry is None:
+                what = f"seq {seq}" if seq is not None else f"action_id {action_id!r}"
+                raise NotFound(f"no entry with {what}")
+            return {"ok": True, "record": entry.query_record()}
+
+        return self._deferred(read)
+
+    def _op_query(self, request: dict[str, Any], peer: dict[str, int] | None) -> _Pending:
+        filters = dict(request)
+
+        def read(conn: Any) -> Answer:
+            return {"ok": True, "records": [e.query_record() for e in store.query_entries(conn, filters)]}
+
+        return self._deferred(read)
+
+    def _op_logs(self, request: dict[str, Any], peer: dict[str, int] | None) -> _Pending:
+        _only(request, {"n"})
+        n = request.get("n", 50)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise InvalidRequest("n must be a non-negative integer", field="n")
+        return _Pending("", None, False, later=lambda: {
+            "ok": True, "lines": [json.loads(line) for line in self._log_ring.recent(n)]})
+
+    def _op_stats(self, request: dict[str, Any], peer: dict[str, int] | None) -> _Pending:
+        _only(request, {"capability", "function", "plan_id", "intent_id"})
+        for key, value in request.items():
+            if not isinstance(value, str):
+                raise InvalidRequest(f"{key} must be a string", field=key)
+        plan_id, intent_id = request.get("plan_id"), request.get("intent_id")
+
+        def answer() -> Answer | asyncio.Future[Any]:
+            body = {"ok": True, **self.aggregates.snapshot().stats(
+                capability=request.get("capability"), function=request.get("function"))}
+            if plan_id is None and intent_id is None:
+                return body
+
+            def read(conn: Any) -> Answer:
+                if plan_id is not None:
+                    body["plan_cost"] = store.cost_where(conn, "plan_id", plan_id)
+                if intent_id is not None:
+                    body["intent_cost"] = store.cost_where(conn, "intent_id", intent_id)
+                return body
+
+            future: asyncio.Future[Any] = self._read(read)
+            return future
+
+        return _Pending("", None, False, later=answer)
+
+    def _deferred(self, read: Callable[[Any], Answer]) -> _Pending:
+        return _Pending("", None, False, later=lambda: self._read(read))
+
+
+def _identity(answer: Answer) -> Answer:
+    return answer
+
+
+def _only(request: dict[str, Any], allowed: set[str]) -> None:
+    for key in request:
+        if key not in allowed:
+            raise InvalidRequest(f"unknown request field {key!r}", field=key)
+
+
+def _single_answer(outcomes: list[AppendOutcome]) -> Answer:
+    outcome = outcomes[0]
+    if isinstance(outcome, AppendResult):
+        return outcome.to_wire()
+    return error_answer(outcome)
+
+
+def _batch_answer(slots: list[RequestError | None], outcomes: list[AppendOutcome]) -> Answer:
+    results: list[Answer] = []
+    committed = iter(outcomes)
+    for slot in slots:
+        if slot is not None:
+            results.append(error_answer(slot))
+        else:
+            outcome = next(committed)
+            results.append(outcome.to_wire() if isinstance(outcome, AppendResult) else error_answer(outcome))
+    return {"ok": True, "results": results}
+
+
+class Connection(asyncio.Protocol):
+    """One client: framing, ordered answers, backpressure."""
+
+    def __init__(self, server: ConnectionRegistry) -> None:
+        self._server = server
+        self._dispatcher = server.dispatcher
+        self._max_line = server.config.socket.max_line_bytes
+        self._max_inflight = server.config.socket.max_inflight
+        self._transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._discarding = False
+        self._pending: deque[_Pending] = deque()
+        self._waiting_on: asyncio.Future[Any] | None = None
+        self._paused_reading = False
+        self._write_paused = False
+        self._stopped = False
+        self.peer: dict[str, int] | None = None
+        self.closed = asyncio.get_running_loop().create_future()
+
+    # --- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if not isinstance(transport, asyncio.Transport):
+            raise TypeError("the socket protocol needs a stream transport")
+        self._transport = transport
+        self.peer = _peer_credentials(transport)
+        if not self._server.admit(self):
+            transport.write(encode_answer(error_answer(
+                Busy(f"too many connections (socket.max_connections = {self._server.config.socket.max_connections})")
+            )))
+            transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        self._server.bytes_received += len(data)
+        buffer = self._buffer
+        buffer += data
+        start = 0
+        while True:
+            newline = buffer.find(b"\n", start)
+            if newline < 0:
+                break
+            if self._discarding:
+                self._discarding = False
+            else:
+                line = bytes(buffer[start:newline]).rstrip(b"\r")
+                if newline - start > self._max_line:
+                    self._too_large()
+                elif line.strip():
+                    self._pending.append(self._dispatcher.dispatch_line(line, self.peer))
+            start = newline + 1
+        del buffer[:start]
+        if len(buffer) > self._max_line:
+            if not self._discarding:
+                self._discarding = True
+                self._too_large()
+            buffer.clear()
+        self._flush()
+
+    def eof_received(self) -> bool:
+        # Half-close: answer what was read, then close (see _flush).
+        self._buffer.clear()
+        self._eof = True
+        self._flush()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._server.forget(self)
+        self._transport = None
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._update_reading()
+
+    # --- answers in order
+
+    _eof = False
+
+    def _too_large(self) -> None:
+        error = FrameTooLarge(
+            f"line longer than socket.max_line_bytes ({self._max_line} bytes); it was skipped"
+        )
+        self._pending.append(_Pending("invalid", None, False, error_answer(error)))
+
+    def _flush(self, _: object = None) -> None:
+        chunks: list[bytes] = []
+        pending = self._pending
+        count = self._dispatcher.aggregates.count_request
+        while pending:
+            head = pending[0]
+            if head.later is not None:
+                later, head.later = head.later, None
+                try:
+                    result = later()
+                except RequestError as error:
+                    result = error_answer(error)
+                if isinstance(result, dict):
+                    head.answer = result
+                else:
+                    head.future, head.transform = result, _identity
+            if head.answer is None:
+                future, transform = head.future, head.transform
+                if future is None or transform is None:
+                    raise RuntimeError("pending answer without a future")
+                if not future.done():
+                    if self._waiting_on is not future:
+                        self._waiting_on = future
+                        future.add_done_callback(self._flush)
+                    break
+                try:
+                    head.answer = transform(future.result())
+                except RequestError as error:
+                    head.answer = error_answer(error)
+                except Exception:
+                    log.exception("request_failed", op=head.op)
+                    head.answer = error_answer(RequestError("internal error; see the daemon log"))
+            pending.popleft()
+            answer = head.answer
+            if head.op != "invalid" or not answer.get("ok", True):
+                count(head.op, "ok" if answer.get("ok") else answer["error"]["code"])
+            if head.has_id:
+                answer = {"id": head.request_id, **answer}
+            chunks.append(encode_answer(answer))
+        if chunks and self._transport is not None:
+            self._transport.write(b"".join(chunks))
+        if self._eof and not pending and self._transport is not None:
+            self._transport.close()
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        if self._transport is None:
+            return
+        should_pause = self._stopped or self._write_paused or len(self._pending) >= self._max_inflight
+        if should_pause and not self._paused_reading:
+            self._transport.pause_reading()
+            self._paused_reading = True
+        elif not should_pause and self._paused_reading:
+            self._transport.resume_reading()
+            self._paused_reading = False
+
+    @property
+    def idle(self) -> bool:
+        return not self._pending
+
+    @property
+    def waiting_on(self) -> asyncio.Future[Any] | None:
+        return self._waiting_on
+
+    def stop_reading(self) -> None:
+        """For shutdown: read no further requests (those read are still answered)."""
+        self._stopped = True
+        self._update_reading()
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+
+def _peer_credentials(transport: asyncio.BaseTransport) -> dict[str, int] | None:
+    sock = transport.get_extra_info("socket")
+    if sock is None or sock.family != socket.AF_UNIX:
+        return None
+    try:
+        pid, uid, gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+    except OSError:
+        return None
+    return {"uid": uid, "gid": gid, "pid": pid}
+
+
+class ConnectionRegistry:
+    """The set of open connections, with the connection limit and drain support."""
+
+    def __init__(self, config: Config, dispatcher: Dispatcher, gauges: LiveGauges) -> None:
+        self.config = config
+        self.dispatcher = dispatcher
+        self._gauges = gauges
+        self._connections: set[Connection] = set()
+        self.bytes_received = 0
+        self.started = time.monotonic()
+
+    def protocol_factory(self) -> Connection:
+        return Connection(self)
+
+    def admit(self, connection: Connection) -> bool:
+        if len(self._connections) >= self.config.socket.max_connections:
+            log.warning("connection_refused", reason="max_connections", peer=connection.peer)
+            return False
+        self._connections.add(connection)
+        self._gauges.connections_open = len(self._connections)
+        return True
+
+    def forget(self, connection: Connection) -> None:
+        self._connections.discard(connection)
+        self._gauges.connections_open = len(self._connections)
+
+    def stop_reading(self) -> None:
+        for connection in self._connections:
+            connection.stop_reading()
+
+    async def drain(self, within_s: float) -> None:
+        """Answer every request already read (within ``within_s``), then close every connection."""
+        deadline = time.monotonic() + within_s
+        for connection in list(self._connections):
+            while not connection.idle and time.monotonic() < deadline:
+                waiter = connection.waiting_on
+                if waiter is None:
+                    break
+                await asyncio.wait([waiter], timeout=deadline - time.monotonic())
+                await asyncio.sleep(0)  # let the done-callback write the answers
+            connection.close()
+        closing = [c.closed for c in self._connections]
+        if closing:
+            await asyncio.wait(closing, timeout=max(0.1, deadline - time.monotonic()))
