@@ -8,8 +8,8 @@ Its canonical bytes are the "content" that duplicate detection compares.
 from __future__ import annotations
 
 import math
+import os
 import re
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -55,16 +55,28 @@ _RESULT_FIELDS = frozenset({"success", "value", "metadata"})
 
 @dataclass(frozen=True, slots=True)
 class ValidatedAction:
-    """Action fields ready for the ledger, and the bytes that identify their content."""
+    """Action fields ready for the ledger."""
 
     fields: dict[str, Any]
-    content: bytes
     client_action_id: bool
     """Whether the client named the action_id (only then can it be a duplicate)."""
 
     @property
     def action_id(self) -> str:
         return str(self.fields["action_id"])
+
+    def content(self) -> bytes:
+        """The canonical bytes of the action's fields: what duplicate detection compares."""
+        return canonical_bytes(self.fields)
+
+
+DAEMON_FIELDS = ("v", "seq", "recorded_at_ms", "peer")
+"""Entry fields the daemon adds; not part of an action's content."""
+
+
+def content_of_entry(entry: dict[str, Any]) -> bytes:
+    """The content of the action an entry records (its fields minus the daemon's)."""
+    return canonical_bytes({k: v for k, v in entry.items() if k not in DAEMON_FIELDS})
 
 
 def _id_string(name: str, value: Any) -> str:
@@ -149,8 +161,15 @@ _VALIDATORS: dict[str, Callable[[str, Any], Any]] = {
 ACTION_FIELDS = frozenset(_VALIDATORS) | {"action_type"}
 
 
-def validate_action(raw: Any, *, allow_custom_types: bool = False) -> ValidatedAction:
-    """Check one action against the SEP-003 field rules; raise ``InvalidAction``."""
+def validate_action(
+    raw: Any, *, allow_custom_types: bool = False, check_encodable: bool = True
+) -> ValidatedAction:
+    """Check one action against the SEP-003 field rules; raise ``InvalidAction``.
+
+    ``check_encodable=False`` skips the canonical-JSON check, for callers that
+    know the value cannot hold NaN, Infinity or lone surrogates (the socket
+    parser rejects the first two and looks for the third in the raw line).
+    """
     if not isinstance(raw, Mapping):
         raise InvalidAction(f"an action must be an object, not {_json_type(raw)}")
     fields: dict[str, Any] = {}
@@ -162,18 +181,28 @@ def validate_action(raw: Any, *, allow_custom_types: bool = False) -> ValidatedA
             continue
         validator = _VALIDATORS.get(name)
         if validator is None:
-            raise InvalidAction(f"unknown field {name!r}", field=name)
+            raise InvalidAction(f"unknown field {str(name)[:80]!r}", field=str(name)[:80])
         fields[name] = validator(name, value)
     if "action_type" not in fields:
         raise InvalidAction("action_type is required", field="action_type")
     client_action_id = "action_id" in fields
     if not client_action_id:
-        fields["action_id"] = str(uuid.uuid4())
-    try:
-        content = canonical_bytes(fields)
-    except NotCanonicalizable as exc:
-        raise InvalidAction(f"action is not representable as canonical JSON: {exc}") from exc
-    return ValidatedAction(fields, content, client_action_id)
+        fields["action_id"] = new_action_id()
+    if check_encodable:
+        try:
+            canonical_bytes(fields)
+        except NotCanonicalizable as exc:
+            raise InvalidAction(f"action is not representable as canonical JSON: {exc}") from exc
+    return ValidatedAction(fields, client_action_id)
+
+
+def new_action_id() -> str:
+    """A random (version 4) UUID string, without uuid.uuid4()'s object overhead."""
+    n = int.from_bytes(os.urandom(16), "big")
+    n = (n & ~(0xF000 << 64)) | (4 << 76)  # version 4
+    n = (n & ~(0xC000 << 48)) | (0x8000 << 48)  # RFC 4122 variant
+    h = f"{n:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def _action_type(value: Any, allow_custom_types: bool) -> str:

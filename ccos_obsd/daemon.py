@@ -35,7 +35,7 @@ from ccos_obsd.http import build_app
 from ccos_obsd.ledger import store
 from ccos_obsd.ledger.keys import SigningKey, load_or_create_signing_key
 from ccos_obsd.ledger.writer import CommittedEntry, LedgerWriter
-from ccos_obsd.log import LogRing, configure_logging
+from ccos_obsd.log import LogRing, action_log, configure_logging
 from ccos_obsd.metrics import Aggregates, LedgerCollector, LiveGauges
 from ccos_obsd.protocol import ConnectionRegistry, Dispatcher
 
@@ -247,17 +247,17 @@ class Daemon:
     def _on_commit(self, entries: Sequence[CommittedEntry], commit_seconds: float) -> None:
         self.aggregates.observe_entries(e.fields for e in entries)
         self.aggregates.observe_commit(commit_seconds)
-        info = log.info
+        actions_log = action_log()
+        if not actions_log.enabled:
+            return
+        events = []
         for entry in entries:
             fields = entry.fields
-            action_type = fields["action_type"]
             context = {key: fields[key] for key in _LOGGED_FIELDS if key in fields}
-            info(
-                action_log_event(action_type, fields),
-                seq=entry.seq,
-                timestamp=fields.get("timestamp_ms", fields["recorded_at_ms"]),
-                **context,
-            )
+            context["seq"] = entry.seq
+            context["timestamp"] = fields.get("timestamp_ms", fields["recorded_at_ms"])
+            events.append((action_log_event(fields["action_type"], fields), context))
+        actions_log.write_group(events)
 
 
 _LOGGED_FIELDS = ("action_type", "action_id", "function_name", "intent_id", "plan_id", "step_id", "session_id")

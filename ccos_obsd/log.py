@@ -12,11 +12,17 @@ import logging
 import sys
 import threading
 from collections import deque
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import structlog
 
 LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def _dumps(obj: Any, **kwargs: Any) -> str:
+    kwargs.setdefault("default", str)
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), **kwargs)
 
 
 class LogRing:
@@ -27,6 +33,9 @@ class LogRing:
 
     def append(self, line: str) -> None:
         self._lines.append(line)
+
+    def extend(self, lines: list[str]) -> None:
+        self._lines.extend(lines)
 
     def recent(self, n: int) -> list[str]:
         if n <= 0:
@@ -47,29 +56,77 @@ class _RingAndStreamLogger:
         self._lock = lock
 
     def msg(self, message: str) -> None:
-        self._ring.append(message)
-        with self._lock:
-            try:
-                self._stream.write(message + "\n")
-                self._stream.flush()
-            except (OSError, ValueError):
-                # stdout gone (closed pipe): the ring still has the line.
-                pass
+        self.write_lines([message])
 
     log = debug = info = warn = warning = error = critical = exception = fatal = msg
 
+    def write_lines(self, lines: list[str]) -> None:
+        self._ring.extend(lines)
+        with self._lock:
+            try:
+                self._stream.write("".join(line + "\n" for line in lines))
+                self._stream.flush()
+            except (OSError, ValueError):
+                # stdout gone (closed pipe): the ring still has the lines.
+                pass
 
-def _dumps(obj: Any, **kwargs: Any) -> str:
-    kwargs.setdefault("default", str)
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), **kwargs)
+
+class _Collect:
+    """Final logger of the per-action log: keeps rendered lines for one batched write."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def info(self, message: str) -> None:
+        self.lines.append(message)
+
+
+class ActionLog:
+    """The per-action log lines (one per committed entry), written once per group commit.
+
+    The hot path of the daemon logs every action; this logger renders with the
+    same JSON renderer as every other line but skips the per-call processors
+    (the caller passes ``level`` and one ``ts`` for the whole group) and writes
+    the group's lines in one system call.
+    """
+
+    def __init__(self, enabled: bool, out: _RingAndStreamLogger | None) -> None:
+        self.enabled = enabled and out is not None
+        self._out = out
+        self._collect = _Collect()
+        self._logger = structlog.wrap_logger(
+            self._collect,
+            processors=[structlog.processors.JSONRenderer(serializer=_dumps)],
+            cache_logger_on_first_use=True,
+        )
+
+    def write_group(self, events: list[tuple[str, dict[str, Any]]]) -> None:
+        if not self.enabled or self._out is None:
+            return
+        ts = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+        info = self._logger.info
+        for event, fields in events:
+            info(event, **fields, level="info", ts=ts)
+        lines, self._collect.lines = self._collect.lines, []
+        self._out.write_lines(lines)
+
+
+_action_log = ActionLog(False, None)
+
+
+def action_log() -> ActionLog:
+    """The per-action logger configured by the last ``configure_logging``."""
+    return _action_log
 
 
 def configure_logging(level: str, ring: LogRing, stream: TextIO | None = None) -> None:
     """Route structlog (and stdlib logging, e.g. aiohttp's) through the JSON renderer."""
+    global _action_log
     lock = threading.Lock()
     out = stream if stream is not None else sys.stdout
     final_logger = _RingAndStreamLogger(out, ring, lock)
     numeric = logging.getLevelNamesMapping()[level.upper()]
+    _action_log = ActionLog(numeric <= logging.INFO, final_logger)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 import socket
 import struct
 import time
@@ -51,6 +52,7 @@ Answer = dict[str, Any]
 Transform = Callable[[Any], Answer]
 _SCALARS = (str, int, float, bool, type(None))
 _PEERCRED = struct.Struct("3i")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
 
 
 def _reject_constant(name: str) -> Any:
@@ -109,6 +111,14 @@ def error_answer(error: RequestError, request_id: Any = None, *, has_id: bool = 
     return answer
 
 
+@dataclass(frozen=True, slots=True)
+class _Context:
+    """Who sent a request, and its raw line."""
+
+    peer: dict[str, int] | None
+    line: bytes
+
+
 @dataclass(slots=True)
 class _Pending:
     """One answer in request order: ready now (``answer``) or later (``future``)."""
@@ -142,7 +152,7 @@ class Dispatcher:
         self.aggregates = aggregates
         self._log_ring = log_ring
         self.accepting_writes = True
-        self._ops: dict[str, Callable[[dict[str, Any], dict[str, int] | None], _Pending]] = {
+        self._ops: dict[str, Callable[[dict[str, Any], _Context], _Pending]] = {
             "append": self._op_append,
             "append_batch": self._op_append_batch,
             "ping": self._op_ping,
@@ -170,7 +180,7 @@ class Dispatcher:
         if op is None:
             op = "append"
         try:
-            pending = handler(request, peer)
+            pending = handler(request, _Context(peer, line))
         except RequestError as error:
             pending = _Pending(op, request_id, has_id, error_answer(error))
         pending.op = op
@@ -180,16 +190,16 @@ class Dispatcher:
 
     # --- writes
 
-    def _bare_append(self, request: dict[str, Any], peer: dict[str, int] | None) -> _Pending:
-        return self._append([request], peer, single=True)
+    def _bare_append(self, request: dict[str, Any], ctx: _Context) -> _Pending:
+        return self._append([request], ctx, single=True)
 
-    def _op_append(self, request: dict[str, Any], peer: dict[str, int] | None) -> _Pending:
+    def _op_append(self, request: dict[str, Any], ctx: _Context) -> _Pending:
         _only(request, {"action"})
         if "action" not in request:
             raise InvalidRequest("append needs an 'action' object", field="action")
-        return self._append([request["action"]], peer, single=True)
+        return self._append([request["action"]], ctx, single=True)
 
-    def _op_append_batch(self, request: dict[str, Any], peer: dict[str, int] | None) -> _Pending:
+    def _op_append_batch(self, request: dict[str, Any], ctx: _Context) -> _Pending:
         _only(request, {"actions"})
         actions = request.get("actions")
         if not isinstance(actions, list):
@@ -199,15 +209,18 @@ class Dispatcher:
                 f"batch of {len(actions)} actions exceeds socket.max_batch ({self._config.socket.max_batch})",
                 field="actions",
             )
-        return self._append(actions, peer, single=False)
+        return self._append(actions, ctx, single=False)
 
-    def _append(self, raw_actions: Sequence[Any], peer: dict[str, int] | None, *, single: bool) -> _Pending:
+    def _append(self, raw_actions: Sequence[Any], ctx: _Context, *, single: bool) -> _Pending:
         allow_custom = self._config.actions.allow_custom_types
+        # NaN and Infinity cannot survive parse_frame; lone surrogates only come from
+        # \uD800-\uDFFF escapes, so the canonical-JSON check runs only when one is there.
+        check = _SURROGATE_ESCAPE.search(ctx.line) is not None
         valid: list[ValidatedAction] = []
         slots: list[RequestError | None] = []
         for raw in raw_actions:
             try:
-                valid.append(validate_action(raw, allow_custom_types=allow_custom))
+                valid.append(validate_action(raw, allow_custom_types=allow_custom, check_encodable=check))
                 slots.append(None)
             except RequestError as error:
                 slots.append(error)
@@ -219,17 +232,17 @@ class Dispatcher:
             raise Unavailable("the daemon is shutting down; retry against the restarted daemon")
         if self._writer.pending_actions + len(valid) > self._config.ledger.max_pending:
             raise Busy(f"more than {self._config.ledger.max_pending} actions are waiting for commit; retry shortly")
-        future = self._writer.submit(valid, peer)
+        future = self._writer.submit(valid, ctx.peer)
         if single:
             return _Pending("", None, False, future=future, transform=_single_answer)
         return _Pending("", None, False, future=future, transform=lambda outcomes: _batch_answer(slots, outcomes))
 
     # --- reads
 
-    def _op_ping(self, request: dict[str, Any], peer: dict[str, int] | None) -> _Pending:
+    def _op_ping(self, request: dict[str, Any], ctx: _Context) -> _Pending:
         return _Pending("", None, False, later=lambda: {"ok": True, "head": self._writer.head.size})
 
-    def _op_get(self, request: dict[str, Any], peer: dict[str, int] | None) -> _Pending:
+    def _op_get(self, request: dict[str, Any], ctx: _Context) -> _Pending:
         _only(request, {"seq", "action_id"})
         seq, action_id = request.get("seq"), request.get("action_id")
         if (seq is None) == (action_id is None):
@@ -248,7 +261,7 @@ class Dispatcher:
 
         return self._deferred(read)
 
-    def _op_query(self, request: dict[str, Any], peer: dict[str, int] | None) -> _Pending:
+    def _op_query(self, request: dict[str, Any], ctx: _Context) -> _Pending:
         filters = dict(request)
 
         def read(conn: Any) -> Answer:
@@ -256,7 +269,7 @@ class Dispatcher:
 
         return self._deferred(read)
 
-    def _op_logs(self, request: dict[str, Any], peer: dict[str, int] | None) -> _Pending:
+    def _op_logs(self, request: dict[str, Any], ctx: _Context) -> _Pending:
         _only(request, {"n"})
         n = request.get("n", 50)
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
@@ -264,7 +277,7 @@ class Dispatcher:
         return _Pending("", None, False, later=lambda: {
             "ok": True, "lines": [json.loads(line) for line in self._log_ring.recent(n)]})
 
-    def _op_stats(self, request: dict[str, Any], peer: dict[str, int] | None) -> _Pending:
+    def _op_stats(self, request: dict[str, Any], ctx: _Context) -> _Pending:
         _only(request, {"capability", "function", "plan_id", "intent_id"})
         for key, value in request.items():
             if not isinstance(value, str):

@@ -37,7 +37,6 @@ CREATE TABLE IF NOT EXISTS entries (
     chain_hash       BLOB NOT NULL,
     key_id           TEXT NOT NULL,
     signature        BLOB,
-    content_hash     BLOB NOT NULL,
     action_type      TEXT NOT NULL,
     parent_action_id TEXT,
     session_id       TEXT,

@@ -11,22 +11,22 @@ larger the groups, the fewer fsyncs per action.
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import json
 import queue
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-from ccos_obsd.actions import ValidatedAction
-from ccos_obsd.errors import Conflict, Internal, RequestError, Unavailable
-from ccos_obsd.ledger.canonical import canonical_bytes
+from ccos_obsd.actions import ValidatedAction, content_of_entry
+from ccos_obsd.errors import Conflict, Internal, InvalidAction, RequestError, Unavailable
+from ccos_obsd.ledger.canonical import NotCanonicalizable, canonical_bytes
 from ccos_obsd.ledger.hashing import Hash, chain_hash, entry_signed_message, leaf_hash
 from ccos_obsd.ledger.keys import SigningKey
 from ccos_obsd.ledger.store import ENTRY_FORMAT_VERSION, Head, connect, read_head
@@ -91,8 +91,27 @@ class _NewEntry:
 CommitListener = Callable[[Sequence[CommittedEntry], float], None]
 
 
+@dataclass(slots=True)
+class _Group:
+    """Requests taken from the queue together: prepared, being signed, then committed."""
+
+    requests: list[_Request]
+    outcomes: list[list[AppendOutcome | None]]
+    new_entries: list[_NewEntry]
+    head_after: Head
+    recorded_ms: int
+    signing: Future[None] | None = None
+
+
 class LedgerWriter:
-    """Owns the read-write ledger connection and the thread that uses it."""
+    """Owns the read-write ledger connection and the thread that uses it.
+
+    The writer thread pipelines two groups: while group N is inserted and
+    committed (SQLite and fsync, mostly without the GIL), group N+1 is already
+    encoded, hashed and being signed on the signing threads. Group N+1 is
+    prepared on top of N's uncommitted head; if N's commit fails, N+1 fails with
+    it and the head falls back to the last committed entry.
+    """
 
     def __init__(
         self,
@@ -110,8 +129,10 @@ class LedgerWriter:
         self._on_commit = on_commit
         self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self._head = read_head(self._conn)
+        self._prepared_head = self._head
         self._last_recorded_ms = 0
-        self._sign_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ccos-sign")
+        self._uncommitted: dict[str, _NewEntry] = {}
+        self._sign_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ccos-sign")
         self._thread = threading.Thread(target=self._run, name="ccos-ledger-writer", daemon=True)
         self.pending_actions = 0
         """Actions submitted and not yet answered (read and written on the event loop)."""
@@ -155,61 +176,77 @@ class LedgerWriter:
                     (self._key.key_id, self._key.verifier.vkey(), self._head.size, int(time.time() * 1000)),
                 )
 
+    # --- the writer thread
+
     def _run(self) -> None:
+        in_flight: _Group | None = None
         stopping = False
-        while not stopping:
-            first = self._queue.get()
-            if first is None:
-                break
-            group = [first]
-            count = len(first.actions)
-            while count < self._max_group:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    stopping = True
-                    break
-                group.append(item)
-                count += len(item.actions)
+        while True:
+            requests = self._take(block=in_flight is None and not stopping)
+            if requests is None:
+                stopping = True
+                requests = []
+            prepared = self._prepare(requests) if requests else None
+            if in_flight is not None:
+                committed = self._finish(in_flight)
+                if not committed and prepared is not None:
+                    self._fail(prepared, Unavailable("an earlier commit failed; the action was not appended"))
+                    prepared = None
+            in_flight = prepared
+            if stopping and in_flight is None:
+                return
+
+    def _take(self, *, block: bool) -> list[_Request] | None:
+        """Up to ``max_group`` actions' worth of requests; None once close() was called."""
+        requests: list[_Request] = []
+        count = 0
+        try:
+            item = self._queue.get() if block else self._queue.get_nowait()
+        except queue.Empty:
+            return requests
+        while True:
+            if item is None:
+                return None if not requests else self._put_back_stop(requests)
+            requests.append(item)
+            count += len(item.actions)
+            if count >= self._max_group:
+                return requests
             try:
-                outcomes = self._commit_group(group)
-            except Exception as exc:
-                log.exception("ledger_write_internal_error")
-                error = Internal(f"internal error while writing: {type(exc).__name__}")
-                outcomes = [[error] * len(request.actions) for request in group]
-            self._loop.call_soon_threadsafe(self._resolve, group, outcomes)
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return requests
 
-    def _resolve(self, group: list[_Request], outcomes: list[list[AppendOutcome]]) -> None:
-        for request, result in zip(group, outcomes, strict=True):
-            self.pending_actions -= len(request.actions)
-            if not request.future.done():
-                request.future.set_result(result)
+    def _put_back_stop(self, requests: list[_Request]) -> list[_Request]:
+        self._queue.put(None)  # seen again on the next take, after these are written
+        return requests
 
-    def _commit_group(self, group: list[_Request]) -> list[list[AppendOutcome]]:
-        outcomes: list[list[AppendOutcome | None]] = [[None] * len(r.actions) for r in group]
+    def _prepare(self, requests: list[_Request]) -> _Group:
+        """Assign seqs, encode, hash and start signing; answer duplicates and conflicts."""
+        outcomes: list[list[AppendOutcome | None]] = [[None] * len(r.actions) for r in requests]
         new_entries: list[_NewEntry] = []
-        in_group: dict[str, _NewEntry] = {}
-        head = self._head
-        next_seq, previous = head.size, head.chain_hash
+        uncommitted = self._uncommitted
+        next_seq, previous = self._prepared_head.size, self._prepared_head.chain_hash
         now_ms = max(int(time.time() * 1000), self._last_recorded_ms)
+        self._last_recorded_ms = now_ms
         lookup = self._conn.execute
-        for r_index, request in enumerate(group):
+        for r_index, request in enumerate(requests):
             for a_index, action in enumerate(request.actions):
                 if action.client_action_id:
-                    earlier = in_group.get(action.action_id)
+                    earlier = uncommitted.get(action.action_id)
                     if earlier is not None:
                         outcomes[r_index][a_index] = _duplicate_or_conflict(
-                            action, earlier.action.content, earlier.seq, earlier.leaf, earlier.chain
+                            action, earlier.action.content(), earlier.seq, earlier.leaf, earlier.chain
                         )
                         continue
                     row = lookup(
-                        "SELECT seq, content_hash, leaf_hash, chain_hash FROM entries WHERE action_id = ?",
+                        "SELECT seq, entry, leaf_hash, chain_hash FROM entries WHERE action_id = ?",
                         (action.action_id,),
                     ).fetchone()
                     if row is not None:
-                        outcomes[r_index][a_index] = _stored_duplicate_or_conflict(action, row)
+                        seq, stored, leaf, chain = row
+                        outcomes[r_index][a_index] = _duplicate_or_conflict(
+                            action, content_of_entry(json.loads(stored)), seq, Hash(bytes(leaf)), Hash(bytes(chain))
+                        )
                         continue
                 fields = dict(action.fields)
                 fields["v"] = ENTRY_FORMAT_VERSION
@@ -217,53 +254,104 @@ class LedgerWriter:
                 fields["recorded_at_ms"] = now_ms
                 if request.peer is not None:
                     fields["peer"] = request.peer
-                entry = canonical_bytes(fields)
+                try:
+                    entry = canonical_bytes(fields)
+                except NotCanonicalizable as exc:
+                    outcomes[r_index][a_index] = InvalidAction(f"action is not representable as canonical JSON: {exc}")
+                    continue
                 leaf = leaf_hash(entry)
                 previous = chain_hash(previous, leaf)
                 new = _NewEntry((r_index, a_index), action, fields, entry, leaf, previous, next_seq)
                 new_entries.append(new)
-                in_group[action.action_id] = new
+                uncommitted[action.action_id] = new
                 next_seq += 1
+        head_after = Head(next_seq, previous)
+        self._prepared_head = head_after
+        group = _Group(requests, outcomes, new_entries, head_after, now_ms)
         if new_entries:
-            started = time.perf_counter()
-            try:
-                self._sign(new_entries)
-                self._insert(new_entries)
-            except sqlite3.Error as exc:
-                self._rollback()
-                log.error("ledger_write_failed", error=str(exc), entries=len(new_entries))
-                failure = Unavailable(f"ledger write failed ({exc}); the action was not appended")
-                for new in new_entries:
-                    outcomes[new.index[0]][new.index[1]] = failure
-                # Later duplicates of a failed entry must fail too, not point at it.
-                return [[failure if o is None or _points_into(o, new_entries) else o for o in row]
-                        for row in outcomes]
-            commit_seconds = time.perf_counter() - started
-            self._head = Head(next_seq, previous)
-            self._last_recorded_ms = now_ms
-            for new in new_entries:
-                outcomes[new.index[0]][new.index[1]] = AppendResult(
-                    new.seq, new.action.action_id, new.leaf, new.chain, False
-                )
-            if self._on_commit is not None:
-                committed = [CommittedEntry(n.seq, n.fields, n.leaf, n.chain) for n in new_entries]
-                self._on_commit(committed, commit_seconds)
-        return [[o if o is not None else Internal("no outcome") for o in row] for row in outcomes]
+            group.signing = self._start_signing(new_entries)
+        return group
 
-    def _sign(self, new_entries: list[_NewEntry]) -> None:
+    def _start_signing(self, new_entries: list[_NewEntry]) -> Future[None]:
         sign = self._key.sign
-        if len(new_entries) >= _PARALLEL_SIGN_MIN:
-            half = len(new_entries) // 2
-            first_half = self._sign_pool.submit(
-                lambda: [sign(entry_signed_message(n.chain)) for n in new_entries[:half]]
-            )
-            for new in new_entries[half:]:
+
+        def sign_all(chunk: list[_NewEntry]) -> None:
+            for new in chunk:
                 new.signature = sign(entry_signed_message(new.chain))
-            for new, signature in zip(new_entries[:half], first_half.result(), strict=True):
-                new.signature = signature
-        else:
-            for new in new_entries:
-                new.signature = sign(entry_signed_message(new.chain))
+
+        if len(new_entries) < _PARALLEL_SIGN_MIN:
+            return self._sign_pool.submit(sign_all, new_entries)
+        half = len(new_entries) // 2
+        first = self._sign_pool.submit(sign_all, new_entries[:half])
+        second = self._sign_pool.submit(sign_all, new_entries[half:])
+        done: Future[None] = Future()
+
+        def both(_: Future[None]) -> None:
+            if first.done() and second.done() and not done.done():
+                error = first.exception() or second.exception()
+                if error is None:
+                    done.set_result(None)
+                else:
+                    done.set_exception(error)
+
+        first.add_done_callback(both)
+        second.add_done_callback(both)
+        return done
+
+    def _finish(self, group: _Group) -> bool:
+        """Wait for the signatures, commit, notify, answer. False if the commit failed."""
+        try:
+            if group.new_entries:
+                started = time.perf_counter()
+                if group.signing is not None:
+                    group.signing.result()
+                try:
+                    self._insert(group.new_entries)
+                except sqlite3.Error as exc:
+                    self._rollback()
+                    log.error("ledger_write_failed", error=str(exc), entries=len(group.new_entries))
+                    self._fail(group, Unavailable(f"ledger write failed ({exc}); the action was not appended"))
+                    return False
+                commit_seconds = time.perf_counter() - started
+                self._head = group.head_after
+                for new in group.new_entries:
+                    group.outcomes[new.index[0]][new.index[1]] = AppendResult(
+                        new.seq, new.action.action_id, new.leaf, new.chain, False
+                    )
+                    self._uncommitted.pop(new.action.action_id, None)
+                if self._on_commit is not None:
+                    entries = [CommittedEntry(n.seq, n.fields, n.leaf, n.chain) for n in group.new_entries]
+                    self._on_commit(entries, commit_seconds)
+        except Exception as exc:
+            log.exception("ledger_write_internal_error")
+            self._fail(group, Internal(f"internal error while writing: {type(exc).__name__}"))
+            return False
+        self._answer(group)
+        return True
+
+    def _fail(self, group: _Group, error: RequestError) -> None:
+        """Answer ``error`` for the group's new entries (and duplicates of them); reset the head."""
+        failed_seqs = {n.seq for n in group.new_entries}
+        for new in group.new_entries:
+            group.outcomes[new.index[0]][new.index[1]] = error
+        for row in group.outcomes:
+            for i, outcome in enumerate(row):
+                if isinstance(outcome, AppendResult) and outcome.duplicate and outcome.seq >= self._head.size:
+                    row[i] = error
+        self._uncommitted = {k: v for k, v in self._uncommitted.items() if v.seq not in failed_seqs}
+        if not self._uncommitted:
+            self._prepared_head = self._head
+        self._answer(group)
+
+    def _answer(self, group: _Group) -> None:
+        outcomes = [[o if o is not None else Internal("no outcome") for o in row] for row in group.outcomes]
+        self._loop.call_soon_threadsafe(self._resolve, group.requests, outcomes)
+
+    def _resolve(self, requests: list[_Request], outcomes: list[list[AppendOutcome]]) -> None:
+        for request, result in zip(requests, outcomes, strict=True):
+            self.pending_actions -= len(request.actions)
+            if not request.future.done():
+                request.future.set_result(result)
 
     def _insert(self, new_entries: list[_NewEntry]) -> None:
         key_id = self._key.key_id
@@ -271,16 +359,15 @@ class LedgerWriter:
         for new in new_entries:
             f = new.fields
             rows.append((
-                new.seq, f["action_id"], new.entry, new.leaf, new.chain, key_id, new.signature,
-                hashlib.sha256(new.action.content).digest(), f["action_type"],
+                new.seq, f["action_id"], new.entry, new.leaf, new.chain, key_id, new.signature, f["action_type"],
                 f.get("parent_action_id"), f.get("session_id"), f.get("plan_id"), f.get("intent_id"),
                 f.get("function_name"), f.get("cost"), f.get("timestamp_ms", f["recorded_at_ms"]),
             ))
         self._conn.execute("BEGIN IMMEDIATE")
         self._conn.executemany(
             "INSERT INTO entries (seq, action_id, entry, leaf_hash, chain_hash, key_id, signature,"
-            " content_hash, action_type, parent_action_id, session_id, plan_id, intent_id,"
-            " function_name, cost, time_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " action_type, parent_action_id, session_id, plan_id, intent_id,"
+            " function_name, cost, time_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             rows,
         )
         self._conn.execute("COMMIT")
@@ -296,23 +383,9 @@ class LedgerWriter:
 def _duplicate_or_conflict(
     action: ValidatedAction, content: bytes, seq: int, leaf: Hash, chain: Hash
 ) -> AppendOutcome:
-    if action.content == content:
+    if action.content() == content:
         return AppendResult(seq, action.action_id, leaf, chain, True)
     return Conflict(
         f"action_id {action.action_id!r} is already in the ledger (seq {seq}) with different content",
         field="action_id",
     )
-
-
-def _stored_duplicate_or_conflict(action: ValidatedAction, row: tuple[Any, ...]) -> AppendOutcome:
-    seq, content_hash, leaf, chain = row
-    if hashlib.sha256(action.content).digest() == bytes(content_hash):
-        return AppendResult(seq, action.action_id, Hash(bytes(leaf)), Hash(bytes(chain)), True)
-    return Conflict(
-        f"action_id {action.action_id!r} is already in the ledger (seq {seq}) with different content",
-        field="action_id",
-    )
-
-
-def _points_into(outcome: AppendOutcome, failed: list[_NewEntry]) -> bool:
-    return isinstance(outcome, AppendResult) and outcome.duplicate and outcome.seq >= failed[0].seq
