@@ -40,6 +40,8 @@ ACTION_TYPES = frozenset(
 CUSTOM_TYPE_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_.:-]{0,127}")
 MAX_ID_LENGTH = 512
 MAX_TIMESTAMP_MS = 2**63 - 1
+MAX_QUANTITY = 2**53
+"""Largest cost or duration_ms: exact as a double, and no sum of 2^63 of them overflows."""
 
 _ID_FIELDS = (
     "action_id",
@@ -96,6 +98,8 @@ def _non_negative_number(name: str, value: Any) -> float | int:
         raise InvalidAction(f"{name} must be finite", field=name)
     if value < 0:
         raise InvalidAction(f"{name} must be >= 0", field=name)
+    if value > MAX_QUANTITY:
+        raise InvalidAction(f"{name} must be at most 2^53 ({MAX_QUANTITY})", field=name)
     return value
 
 

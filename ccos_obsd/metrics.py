@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import structlog
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -24,6 +25,8 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from ccos_obsd.actions import outcome
+
+log = structlog.get_logger("ccos_obsd.metrics")
 
 DEFAULT_DURATION_BUCKETS: tuple[float, ...] = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -117,11 +120,19 @@ class Aggregates:
         self.function_durations: dict[str, Histogram] = {}
         self.commit_durations = Histogram(COMMIT_BUCKETS)
         self.ingest_requests: dict[tuple[str, str], int] = {}
+        self.unaggregatable = 0
 
     def observe_entries(self, entries: Iterable[Mapping[str, Any]]) -> None:
         with self._lock:
             for fields in entries:
-                self._observe(fields)
+                try:
+                    self._observe(fields)
+                except (TypeError, ValueError, OverflowError, KeyError) as exc:
+                    # Only an entry written before today's validation rules can get
+                    # here; it stays in the ledger, it just cannot be counted.
+                    self.unaggregatable += 1
+                    if self.unaggregatable == 1:
+                        log.warning("entry_not_aggregated", seq=fields.get("seq"), error=str(exc))
 
     def observe_commit(self, seconds: float) -> None:
         with self._lock:

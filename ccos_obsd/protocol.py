@@ -35,6 +35,7 @@ from ccos_obsd.errors import (
     BadJson,
     Busy,
     FrameTooLarge,
+    Internal,
     InvalidRequest,
     NotFound,
     RequestError,
@@ -247,10 +248,10 @@ class Dispatcher:
         seq, action_id = request.get("seq"), request.get("action_id")
         if (seq is None) == (action_id is None):
             raise InvalidRequest("get needs exactly one of 'seq' or 'action_id'")
-        if seq is not None and (isinstance(seq, bool) or not isinstance(seq, int)):
-            raise InvalidRequest("seq must be an integer", field="seq")
-        if action_id is not None and not isinstance(action_id, str):
-            raise InvalidRequest("action_id must be a string", field="action_id")
+        if seq is not None:
+            store.checked_int(seq, "seq")
+        if action_id is not None:
+            store.checked_string(action_id, "action_id")
 
         def read(conn: Any) -> Answer:
             entry = store.get_entry(conn, seq=seq, action_id=action_id)
@@ -280,8 +281,7 @@ class Dispatcher:
     def _op_stats(self, request: dict[str, Any], ctx: _Context) -> _Pending:
         _only(request, {"capability", "function", "plan_id", "intent_id"})
         for key, value in request.items():
-            if not isinstance(value, str):
-                raise InvalidRequest(f"{key} must be a string", field=key)
+            store.checked_string(value, key)
         plan_id, intent_id = request.get("plan_id"), request.get("intent_id")
 
         def answer() -> Answer | asyncio.Future[Any]:
@@ -462,7 +462,11 @@ class Connection(asyncio.Protocol):
                 count(head.op, "ok" if answer.get("ok") else answer["error"]["code"])
             if head.has_id:
                 answer = {"id": head.request_id, **answer}
-            chunks.append(encode_answer(answer))
+            try:
+                chunks.append(encode_answer(answer))
+            except (ValueError, TypeError):
+                log.exception("answer_not_encodable", op=head.op)
+                chunks.append(encode_answer(error_answer(Internal("answer could not be encoded; see the daemon log"))))
         if chunks and self._transport is not None:
             self._transport.write(b"".join(chunks))
         if self._eof and not pending and self._transport is not None:

@@ -259,14 +259,28 @@ def cost_where(conn: sqlite3.Connection, column: str, value: str) -> float:
 
 
 def _query_string(filters: Mapping[str, Any], key: str) -> str:
-    value = filters[key]
-    if not isinstance(value, str):
-        raise InvalidRequest(f"{key} must be a string", field=key)
-    return value
+    return checked_string(filters[key], key)
 
 
 def _query_int(filters: Mapping[str, Any], key: str) -> int:
-    value = filters[key]
+    return checked_int(filters[key], key)
+
+
+def checked_string(value: Any, key: str) -> str:
+    """A request string SQLite can bind (UTF-8 encodable), or ``InvalidRequest``."""
+    if not isinstance(value, str):
+        raise InvalidRequest(f"{key} must be a string", field=key)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequest(f"{key} is not valid Unicode (lone surrogate)", field=key) from None
+    return value
+
+
+def checked_int(value: Any, key: str) -> int:
+    """A request integer SQLite can bind (64-bit signed), or ``InvalidRequest``."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidRequest(f"{key} must be an integer", field=key)
+    if not -(2**63) <= value < 2**63:
+        raise InvalidRequest(f"{key} is out of range", field=key)
     return value

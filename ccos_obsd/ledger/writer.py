@@ -311,6 +311,7 @@ class LedgerWriter:
                     self._rollback()
                     log.error("ledger_write_failed", error=str(exc), entries=len(group.new_entries))
                     self._fail(group, Unavailable(f"ledger write failed ({exc}); the action was not appended"))
+                    self._resync_head()
                     return False
                 commit_seconds = time.perf_counter() - started
                 self._head = group.head_after
@@ -324,7 +325,9 @@ class LedgerWriter:
                     self._on_commit(entries, commit_seconds)
         except Exception as exc:
             log.exception("ledger_write_internal_error")
+            self._rollback()
             self._fail(group, Internal(f"internal error while writing: {type(exc).__name__}"))
+            self._resync_head()
             return False
         self._answer(group)
         return True
@@ -371,6 +374,24 @@ class LedgerWriter:
             rows,
         )
         self._conn.execute("COMMIT")
+
+    def _resync_head(self) -> None:
+        """After a failed commit, take the head from the database, not from memory.
+
+        A commit whose fsync reported an error may still have reached the disk; its
+        entries were not acknowledged, and a client that retries them gets
+        ``duplicate`` answers rather than a second copy.
+        """
+        try:
+            head = read_head(self._conn)
+        except sqlite3.Error as exc:
+            log.error("ledger_head_unreadable", error=str(exc))
+            return
+        if head != self._head:
+            log.warning("ledger_head_resynced", entries=head.size, expected=self._head.size)
+        self._head = head
+        if not self._uncommitted:
+            self._prepared_head = head
 
     def _rollback(self) -> None:
         try:
