@@ -235,7 +235,8 @@ def test_cost_and_duration_are_capped_at_2_pow_53(daemon: DaemonProcess) -> None
     """Finite but absurd quantities (1e308) are refused, so no sum of them overflows."""
     with RawConnection(daemon.socket_path, timeout=5) as connection:
         for field in ("cost", "duration_ms"):
-            answer = connection.roundtrip(action_line(action_type="CapabilityCall", function_name="f", **{field: 1e308}))
+            line = action_line(action_type="CapabilityCall", function_name="f", **{field: 1e308})
+            answer = connection.roundtrip(line)
             assert answer["ok"] is False
             assert answer["error"]["code"] == "invalid_action"
             assert answer["error"]["field"] == field
