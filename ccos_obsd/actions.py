@@ -69,7 +69,7 @@ class ValidatedAction:
 
     def content(self) -> bytes:
         """The canonical bytes of the action's fields: what duplicate detection compares."""
-        return canonical_bytes(self.fields)
+        return canonical_bytes(self.fields, keys_checked=True)
 
 
 DAEMON_FIELDS = ("v", "seq", "recorded_at_ms", "peer")
@@ -178,15 +178,15 @@ def validate_action(
         raise InvalidAction(f"an action must be an object, not {_json_type(raw)}")
     fields: dict[str, Any] = {}
     for name, value in raw.items():
-        if value is None:
-            continue
         if name == "action_type":
-            fields[name] = _action_type(value, allow_custom_types)
+            if value is not None:
+                fields[name] = _action_type(value, allow_custom_types)
             continue
         validator = _VALIDATORS.get(name)
         if validator is None:
             raise InvalidAction(f"unknown field {str(name)[:80]!r}", field=str(name)[:80])
-        fields[name] = validator(name, value)
+        if value is not None:
+            fields[name] = validator(name, value)
     if "action_type" not in fields:
         raise InvalidAction("action_type is required", field="action_type")
     client_action_id = "action_id" in fields

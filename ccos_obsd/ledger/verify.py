@@ -80,10 +80,11 @@ def verify_entries(
         for entry in entries:
             try:
                 previous = _check_entry(entry, expected, previous)
-                if entry.signature is not None:
-                    key = keys.key_for(entry.key_id, entry.seq)
-                    chunk.append((entry.seq, key, entry.signature, entry_signed_message(entry.chain_hash)))
-                    signatures += 1
+                if entry.signature is None:
+                    raise VerificationError(entry.seq, "missing_signature", "the entry has no signature")
+                key = keys.key_for(entry.key_id, entry.seq)
+                chunk.append((entry.seq, key, entry.signature, entry_signed_message(entry.chain_hash)))
+                signatures += 1
             except VerificationError as error:
                 structural = error
                 break

@@ -255,7 +255,7 @@ class LedgerWriter:
                 if request.peer is not None:
                     fields["peer"] = request.peer
                 try:
-                    entry = canonical_bytes(fields)
+                    entry = canonical_bytes(fields, keys_checked=True)
                 except NotCanonicalizable as exc:
                     outcomes[r_index][a_index] = InvalidAction(f"action is not representable as canonical JSON: {exc}")
                     continue

@@ -1,0 +1,405 @@
+"""Metric aggregates and the Prometheus collector over them (DESIGN.md, "Metric families")."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, generate_latest
+
+from ccos_obsd.metrics import (
+    DEFAULT_DURATION_BUCKETS,
+    Aggregates,
+    Histogram,
+    LedgerCollector,
+    LiveGauges,
+)
+
+
+def action(action_type: str = "CapabilityCall", **fields: Any) -> dict[str, Any]:
+    return {"action_type": action_type, **fields}
+
+
+def observed(*entries: dict[str, Any], buckets: tuple[float, ...] = DEFAULT_DURATION_BUCKETS) -> Aggregates:
+    aggregates = Aggregates(buckets)
+    aggregates.observe_entries(entries)
+    return aggregates
+
+
+def bucket_counts(histogram: Histogram) -> dict[str, float]:
+    return dict(histogram.buckets())
+
+
+# --- Histogram
+
+
+def test_default_buckets_are_the_ccos_millisecond_buckets_in_seconds() -> None:
+    assert DEFAULT_DURATION_BUCKETS == (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+def test_histogram_upper_bounds_are_inclusive() -> None:
+    histogram = Histogram((0.1, 1.0))
+    for value in (0.1, 1.0, 0.0):
+        histogram.observe(value)
+    assert histogram.buckets() == [("0.1", 2.0), ("1.0", 3.0), ("+Inf", 3.0)]
+
+
+def test_histogram_buckets_are_cumulative_and_end_with_inf() -> None:
+    histogram = Histogram((1.0, 2.0, 3.0))
+    for value in (0.5, 1.5, 1.7, 2.5, 99.0):
+        histogram.observe(value)
+    assert histogram.buckets() == [("1.0", 1.0), ("2.0", 3.0), ("3.0", 4.0), ("+Inf", 5.0)]
+    assert histogram.count == 5
+    assert histogram.total == pytest.approx(0.5 + 1.5 + 1.7 + 2.5 + 99.0)
+
+
+def test_histogram_copy_is_independent() -> None:
+    histogram = Histogram((1.0,))
+    histogram.observe(0.5)
+    copy = histogram.copy()
+    histogram.observe(0.5)
+    assert copy.count == 1
+    assert bucket_counts(copy) == {"1.0": 1.0, "+Inf": 1.0}
+
+
+@given(st.lists(st.floats(min_value=0, max_value=100, allow_nan=False), max_size=50))
+def test_histogram_bucket_counts_are_values_at_or_below_each_bound(values: list[float]) -> None:
+    histogram = Histogram(DEFAULT_DURATION_BUCKETS)
+    for value in values:
+        histogram.observe(value)
+    buckets = histogram.buckets()
+    for (label, count), bound in zip(buckets, (*DEFAULT_DURATION_BUCKETS, math.inf), strict=True):
+        assert float(label) == bound
+        assert count == sum(1 for v in values if v <= bound)
+    assert histogram.count == len(values)
+
+
+# --- Aggregates: what counts where
+
+
+def test_every_entry_counts_by_action_type() -> None:
+    snap = observed(action("PlanStarted"), action("PlanStarted"), action("CapabilityCall")).snapshot()
+    assert snap.entries == 3
+    assert snap.actions_by_type == {"PlanStarted": 2, "CapabilityCall": 1}
+
+
+def test_capability_metrics_count_only_capability_calls() -> None:
+    snap = observed(
+        action("CapabilityCall", function_name="ccos.echo", success=True),
+        action("CapabilityResult", function_name="ccos.echo", success=True),
+        action("PlanStepStarted", function_name="ccos.echo"),
+    ).snapshot()
+    assert set(snap.capabilities) == {"ccos.echo"}
+    assert snap.capabilities["ccos.echo"].to_wire()["calls"] == 1
+
+
+def test_function_metrics_count_every_action_with_a_function_name() -> None:
+    snap = observed(
+        action("CapabilityCall", function_name="f"),
+        action("CapabilityResult", function_name="f"),
+        action("PlanStepStarted", function_name="g"),
+        action("PlanStarted"),
+    ).snapshot()
+    assert {name: stats.to_wire()["calls"] for name, stats in snap.functions.items()} == {"f": 2, "g": 1}
+
+
+def test_actions_without_function_name_are_in_no_call_metrics() -> None:
+    snap = observed(action("CapabilityCall", cost=1.5, duration_ms=3)).snapshot()
+    assert snap.capabilities == {}
+    assert snap.functions == {}
+    assert snap.capability_durations == {}
+    assert snap.cost_total == 1.5
+
+
+@pytest.mark.parametrize(
+    ("fields", "label"),
+    [
+        ({"success": True}, "success"),
+        ({"success": False}, "failure"),
+        ({}, "unknown"),
+        ({"result": {"success": False}, "success": True}, "failure"),
+        ({"result": {"value": 1}}, "unknown"),
+    ],
+)
+def test_calls_are_counted_by_outcome(fields: dict[str, Any], label: str) -> None:
+    snap = observed(action("CapabilityCall", function_name="f", **fields)).snapshot()
+    assert snap.capabilities["f"].by_outcome == {"success": 0, "failure": 0, "unknown": 0} | {label: 1}
+    assert snap.functions["f"].by_outcome[label] == 1
+
+
+@pytest.mark.parametrize(
+    ("duration_ms", "le"),
+    [
+        (0, "0.005"),
+        (5, "0.005"),
+        (5.001, "0.01"),
+        (10, "0.01"),
+        (250, "0.25"),
+        (1000, "1.0"),
+        (10_000, "10.0"),
+        (10_000.5, "+Inf"),
+    ],
+)
+def test_durations_are_observed_in_seconds_with_inclusive_bounds(duration_ms: float, le: str) -> None:
+    snap = observed(action(function_name="f", duration_ms=duration_ms)).snapshot()
+    for histogram in (snap.capability_durations["f"], snap.function_durations["f"]):
+        counts = bucket_counts(histogram)
+        first_nonzero = next(label for label, count in counts.items() if count)
+        assert first_nonzero == le
+        assert counts["+Inf"] == 1
+        assert histogram.total == pytest.approx(duration_ms / 1000)
+
+
+def test_calls_without_duration_are_counted_but_not_timed() -> None:
+    snap = observed(
+        action(function_name="f", duration_ms=30),
+        action(function_name="f", duration_ms=10),
+        action(function_name="f"),
+    ).snapshot()
+    assert snap.capability_durations["f"].count == 2
+    wire = snap.capabilities["f"].to_wire()
+    assert wire["calls"] == 3
+    assert wire["total_duration_ms"] == 40
+    assert wire["avg_duration_ms"] == 20
+
+
+def test_custom_duration_buckets() -> None:
+    snap = observed(action(function_name="f", duration_ms=1500), buckets=(1.0, 2.0)).snapshot()
+    assert snap.function_durations["f"].buckets() == [("1.0", 0.0), ("2.0", 1.0), ("+Inf", 1.0)]
+
+
+def test_costs_total_over_every_action_and_per_capability() -> None:
+    snap = observed(
+        action("CapabilityCall", function_name="a", cost=1.25),
+        action("CapabilityCall", function_name="a", cost=0.5),
+        action("CapabilityCall", function_name="b", cost=2),
+        action("CapabilityResult", function_name="a", cost=4),
+        action("PlanStarted", cost=8),
+        action("PlanStarted"),
+    ).snapshot()
+    assert snap.cost_total == 15.75
+    assert snap.capabilities["a"].cost == 1.75
+    assert snap.capabilities["b"].cost == 2
+    assert snap.functions["a"].cost == 5.75
+
+
+def test_stats_answer_body() -> None:
+    snap = observed(
+        action("CapabilityCall", function_name="a", success=True, cost=1, duration_ms=10),
+        action("CapabilityCall", function_name="a", success=False, cost=2, duration_ms=30),
+        action("CapabilityCall", function_name="a", cost=0.5),
+        action("CapabilityResult", function_name="a", success=True),
+        action("PlanStepStarted", function_name="b", duration_ms=7),
+        action("PlanStarted", cost=100),
+    ).snapshot()
+    a_calls = {"calls": 3, "successes": 1, "failures": 1, "cost": 3.5, "total_duration_ms": 40, "avg_duration_ms": 20.0}
+    assert snap.stats() == {
+        "entries": 6,
+        "total_cost": 103.5,
+        "capabilities": {"a": a_calls},
+        "functions": {
+            "a": {"calls": 4, "successes": 2, "failures": 1, "cost": 3.5, "total_duration_ms": 40,
+                  "avg_duration_ms": 20.0},
+            "b": {"calls": 1, "successes": 0, "failures": 0, "cost": 0, "total_duration_ms": 7,
+                  "avg_duration_ms": 7.0},
+        },
+    }
+    assert snap.stats(capability="a")["capabilities"] == {"a": a_calls}
+    assert snap.stats(capability="zzz")["capabilities"] == {}
+    assert set(snap.stats(function="b")["functions"]) == {"b"}
+
+
+def test_avg_duration_is_zero_without_timed_calls() -> None:
+    snap = observed(action(function_name="f")).snapshot()
+    assert snap.stats()["capabilities"]["f"]["avg_duration_ms"] == 0.0
+
+
+def test_snapshot_is_a_copy() -> None:
+    aggregates = observed(action(function_name="f", duration_ms=1, cost=1))
+    snap = aggregates.snapshot()
+    aggregates.observe_entries([action(function_name="f", duration_ms=1, cost=1), action("PlanStarted")])
+    aggregates.observe_commit(0.001)
+    aggregates.count_request("append", "ok")
+    assert snap.entries == 1
+    assert snap.actions_by_type == {"CapabilityCall": 1}
+    assert snap.capabilities["f"].to_wire()["calls"] == 1
+    assert snap.capability_durations["f"].count == 1
+    assert snap.commit_durations.count == 0
+    assert snap.ingest_requests == {}
+
+
+def test_commit_durations_and_requests() -> None:
+    aggregates = Aggregates()
+    aggregates.observe_commit(0.002)
+    aggregates.observe_commit(0.2)
+    aggregates.count_request("append", "ok")
+    aggregates.count_request("append", "ok")
+    aggregates.count_request("ping", "bad_json")
+    snap = aggregates.snapshot()
+    assert snap.commit_durations.count == 2
+    assert snap.ingest_requests == {("append", "ok"): 2, ("ping", "bad_json"): 1}
+
+
+# --- property: totals are sums over the observed entries
+
+entries_strategy = st.lists(
+    st.fixed_dictionaries(
+        {"action_type": st.sampled_from(["CapabilityCall", "CapabilityResult", "PlanStarted"])},
+        optional={
+            "function_name": st.sampled_from(["f", "g", "h"]),
+            "cost": st.integers(0, 1000) | st.floats(0, 1000),
+            "duration_ms": st.integers(0, 20_000) | st.floats(0, 20_000),
+            "success": st.booleans(),
+            "result": st.fixed_dictionaries({}, optional={"success": st.booleans()}),
+        },
+    ),
+    max_size=40,
+)
+
+
+def _outcome(entry: dict[str, Any]) -> str:
+    flag = entry.get("result", {}).get("success", entry.get("success"))
+    return "unknown" if flag is None else ("success" if flag else "failure")
+
+
+@given(entries_strategy)
+def test_totals_equal_sums_over_the_observed_entries(entries: list[dict[str, Any]]) -> None:
+    aggregates = Aggregates()
+    # Folded in two batches: the result must not depend on how commits group entries.
+    aggregates.observe_entries(entries[: len(entries) // 2])
+    aggregates.observe_entries(entries[len(entries) // 2 :])
+    snap = aggregates.snapshot()
+
+    assert snap.entries == len(entries)
+    assert sum(snap.actions_by_type.values()) == len(entries)
+    assert snap.cost_total == pytest.approx(sum(e.get("cost", 0) for e in entries))
+
+    for kind, stats, durations in (
+        ("function", snap.functions, snap.function_durations),
+        ("capability", snap.capabilities, snap.capability_durations),
+    ):
+        counted = [
+            e for e in entries
+            if "function_name" in e and (kind == "function" or e["action_type"] == "CapabilityCall")
+        ]
+        assert set(stats) == {e["function_name"] for e in counted}
+        for name, call_stats in stats.items():
+            mine = [e for e in counted if e["function_name"] == name]
+            timed = [e["duration_ms"] for e in mine if "duration_ms" in e]
+            wire = call_stats.to_wire()
+            assert wire["calls"] == len(mine)
+            for label in ("success", "failure", "unknown"):
+                assert call_stats.by_outcome[label] == sum(1 for e in mine if _outcome(e) == label)
+            assert wire["cost"] == pytest.approx(sum(e.get("cost", 0) for e in mine))
+            assert wire["total_duration_ms"] == pytest.approx(sum(timed))
+            histogram = durations.get(name)
+            assert (histogram.count if histogram else 0) == len(timed)
+            if histogram:
+                assert histogram.total == pytest.approx(sum(timed) / 1000)
+                assert dict(histogram.buckets())["+Inf"] == len(timed)
+
+
+# --- LedgerCollector and exposition
+
+LEDGER_FAMILIES = {
+    # name in the exposition: TYPE
+    "ccos_actions_total": "counter",
+    "ccos_capability_calls_total": "counter",
+    "ccos_capability_duration_seconds": "histogram",
+    "ccos_function_calls_total": "counter",
+    "ccos_function_duration_seconds": "histogram",
+    "ccos_cost_total": "counter",
+    "ccos_capability_cost_total": "counter",
+    "ccos_ledger_entries": "gauge",
+    "ccos_commit_duration_seconds": "histogram",
+    "ccos_ingest_requests_total": "counter",
+}
+"""DESIGN.md's families that the ledger collector owns. (The sink and Working Memory
+families, ccos_sink_* and ccos_wm_ingest_duration_seconds, belong to the sinks.)"""
+
+
+@pytest.fixture
+def aggregates() -> Aggregates:
+    aggregates = observed(
+        action("CapabilityCall", function_name="ccos.echo", success=True, cost=0.5, duration_ms=5),
+        action("CapabilityCall", function_name="ccos.echo", success=False, cost=0.25, duration_ms=120),
+        action("CapabilityCall", function_name="ccos.echo"),
+        action("CapabilityResult", function_name="ccos.echo", result={"success": True}),
+        action("PlanStarted", cost=1),
+    )
+    aggregates.observe_commit(0.003)
+    aggregates.count_request("append", "ok")
+    aggregates.count_request("append", "invalid_action")
+    return aggregates
+
+
+@pytest.fixture
+def registry(aggregates: Aggregates) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    registry.register(LedgerCollector(aggregates, LiveGauges(connections_open=3), lambda: 7))
+    return registry
+
+
+def test_collector_samples(registry: CollectorRegistry) -> None:
+    value = registry.get_sample_value
+    assert value("ccos_actions_total", {"action_type": "CapabilityCall"}) == 3
+    assert value("ccos_actions_total", {"action_type": "CapabilityResult"}) == 1
+    assert value("ccos_actions_total", {"action_type": "PlanStarted"}) == 1
+    assert value("ccos_capability_calls_total", {"capability": "ccos.echo", "outcome": "success"}) == 1
+    assert value("ccos_capability_calls_total", {"capability": "ccos.echo", "outcome": "failure"}) == 1
+    assert value("ccos_capability_calls_total", {"capability": "ccos.echo", "outcome": "unknown"}) == 1
+    assert value("ccos_function_calls_total", {"function": "ccos.echo", "outcome": "success"}) == 2
+    assert value("ccos_cost_total") == 1.75
+    assert value("ccos_capability_cost_total", {"capability": "ccos.echo"}) == 0.75
+    assert value("ccos_ledger_entries") == 5
+    assert value("ccos_ingest_requests_total", {"op": "append", "result": "ok"}) == 1
+    assert value("ccos_ingest_requests_total", {"op": "append", "result": "invalid_action"}) == 1
+    assert value("ccos_connections_open") == 3
+    assert value("ccos_pending_appends") == 7
+
+
+def test_collector_histograms(registry: CollectorRegistry) -> None:
+    value = registry.get_sample_value
+    labels = {"capability": "ccos.echo"}
+    assert value("ccos_capability_duration_seconds_bucket", labels | {"le": "0.005"}) == 1
+    assert value("ccos_capability_duration_seconds_bucket", labels | {"le": "0.1"}) == 1
+    assert value("ccos_capability_duration_seconds_bucket", labels | {"le": "0.25"}) == 2
+    assert value("ccos_capability_duration_seconds_bucket", labels | {"le": "+Inf"}) == 2
+    assert value("ccos_capability_duration_seconds_count", labels) == 2
+    assert value("ccos_capability_duration_seconds_sum", labels) == pytest.approx(0.125)
+    assert value("ccos_function_duration_seconds_count", {"function": "ccos.echo"}) == 2
+    assert value("ccos_commit_duration_seconds_count") == 1
+    assert value("ccos_commit_duration_seconds_bucket", {"le": "0.0025"}) == 0
+    assert value("ccos_commit_duration_seconds_bucket", {"le": "0.005"}) == 1
+
+
+def test_no_zero_outcome_series_are_invented(registry: CollectorRegistry) -> None:
+    assert registry.get_sample_value(
+        "ccos_function_calls_total", {"function": "ccos.echo", "outcome": "failure"}
+    ) == 1
+    assert registry.get_sample_value(
+        "ccos_capability_calls_total", {"capability": "nope", "outcome": "success"}
+    ) is None
+
+
+def test_collector_reflects_entries_observed_after_registration(
+    registry: CollectorRegistry, aggregates: Aggregates
+) -> None:
+    aggregates.observe_entries([action("PlanStarted")])
+    assert registry.get_sample_value("ccos_ledger_entries") == 6
+    assert registry.get_sample_value("ccos_actions_total", {"action_type": "PlanStarted"}) == 2
+
+
+@pytest.mark.parametrize("populated", [True, False])
+def test_exposition_has_help_and_type_for_every_family(populated: bool, aggregates: Aggregates) -> None:
+    registry = CollectorRegistry()
+    source = aggregates if populated else Aggregates()
+    registry.register(LedgerCollector(source, LiveGauges(), lambda: 0))
+    text = generate_latest(registry).decode("utf-8")
+    lines = text.splitlines()
+    for name, kind in LEDGER_FAMILIES.items():
+        assert any(line.startswith(f"# HELP {name} ") and len(line) > len(f"# HELP {name} ") for line in lines), name
+        assert f"# TYPE {name} {kind}" in lines, name
