@@ -112,10 +112,12 @@ class Daemon:
     async def run(self, ready: Callable[[dict[str, Any]], None] | None = None) -> None:
         config = self.config
         configure_logging(config.log.level, self.log_ring)
-        with state_dir_lock(config.state_dir):
+        loop = asyncio.get_running_loop()
+        # Installed first and kept until the end: a SIGTERM at any moment (even right
+        # after daemon_ready, or a second one during the drain) means "drain and stop".
+        with _signal_handlers(loop, self.request_stop), state_dir_lock(config.state_dir):
             key = self._load_key()
             db = store.ledger_path(config.state_dir)
-            loop = asyncio.get_running_loop()
             writer = LedgerWriter(db, key, loop, max_group=config.ledger.max_group, on_commit=self._on_commit)
             self._restore_aggregates(db)
             writer.start()
@@ -152,8 +154,7 @@ class Daemon:
                 log.info("daemon_ready", **info)
                 if ready is not None:
                     ready(info)
-                with _signal_handlers(loop, self.request_stop):
-                    await self._stop.wait()
+                await self._stop.wait()
                 log.info("daemon_stopping", entries=writer.head.size)
                 dispatcher.accepting_writes = False
                 server.close()
