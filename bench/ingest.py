@@ -1,0 +1,112 @@
+"""Throughput over one connection: pipelined single appends, and batches of 500.
+
+Each figure gets a fresh daemon (fresh state dir) at the given log level, a
+warm-up of the same kind of requests, then the timed run: every request line
+encoded beforehand, at most ``window`` requests unanswered, rate = actions /
+(first byte sent .. last answer received). Answers are checked afterwards. The
+daemon's mean group size (actions per fsync) comes from its
+``ccos_commit_duration_seconds`` histogram, read before and after.
+
+Floor: ``bench.floor`` over the same request lines, committing every 500
+actions (the batch size).
+
+The machine is shared, so each figure is measured ``repeats`` times, the floor
+and the daemon at each log level taking turns (background load then hits them
+alike); the reported rate is the median of the repeats (every repeat is kept in
+the results), and ratio = median daemon rate / median floor rate.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.daemon import BenchDaemon
+from bench.floor import floor_rate
+from bench.wire import check_answers, pipeline
+from bench.workload import batch_lines, make_actions, single_lines
+
+BATCH = 500
+FLOOR_GROUP = 500
+SINGLE_WINDOW = 1024
+"""Unanswered single appends the client allows (the daemon's own per-connection cap is 4096)."""
+BATCH_WINDOW = 4
+"""Unanswered batches (2,000 actions); the daemon answers busy beyond ledger.max_pending actions."""
+TARGETS = {"singles": 8000.0, "batch500": 12000.0}
+
+
+def _lines(kind: str, actions: list[dict[str, Any]]) -> list[bytes]:
+    return single_lines(actions) if kind == "singles" else batch_lines(actions, BATCH)
+
+
+def workload(kind: str, count: int, warmup: int) -> tuple[list[bytes], list[bytes]]:
+    """(warm-up lines, timed lines) of ``kind``: ``singles`` or ``batch500``."""
+    actions = make_actions(warmup + count)
+    return _lines(kind, actions[:warmup]), _lines(kind, actions[warmup:])
+
+
+def measure_floor(kind: str, count: int, warmup: int) -> dict[str, Any]:
+    warm, lines = workload(kind, count, warmup)
+    run = floor_rate(lines, warm, group=FLOOR_GROUP)
+    return {"rate": run.rate, "actions": run.actions, "seconds": run.seconds, "group": FLOOR_GROUP}
+
+
+def measure_daemon(kind: str, count: int, warmup: int, log_level: str) -> dict[str, Any]:
+    warm, lines = workload(kind, count, warmup)
+    window = SINGLE_WINDOW if kind == "singles" else BATCH_WINDOW
+    with tempfile.TemporaryDirectory(prefix="ccos-bench-") as directory, \
+            BenchDaemon(Path(directory), log_level=log_level) as daemon:
+        check_answers(pipeline(daemon.socket_path, warm, window=window).answers, warmup)
+        commits_before, commit_seconds_before = daemon.commit_counts()
+        daemon_cpu, client_cpu = daemon.cpu_seconds(), time.process_time()
+        run = pipeline(daemon.socket_path, lines, window=window)
+        daemon_cpu, client_cpu = daemon.cpu_seconds() - daemon_cpu, time.process_time() - client_cpu
+        commits_after, commit_seconds_after = daemon.commit_counts()
+        rss = daemon.rss_kib()
+        appended = check_answers(run.answers, count)
+    commits = commits_after - commits_before
+    return {
+        "rate": appended / run.seconds,
+        "actions": appended,
+        "requests": run.requests,
+        "seconds": run.seconds,
+        "window": window,
+        "mean_group": appended / commits if commits else None,
+        "mean_commit_ms": 1000 * (commit_seconds_after - commit_seconds_before) / commits if commits else None,
+        "rss_kib": rss.get("VmRSS"),
+        "daemon_cpu_us_per_action": 1e6 * daemon_cpu / appended,
+        "daemon_cores_busy": daemon_cpu / run.seconds,
+        "client_cpu_us_per_action": 1e6 * client_cpu / appended,
+    }
+
+
+def _median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median rate (the lower middle one for an even count), with every rate."""
+    ordered = sorted(runs, key=lambda r: r["rate"])
+    chosen = dict(ordered[(len(ordered) - 1) // 2])
+    chosen["rate"] = statistics.median(r["rate"] for r in runs)
+    chosen["repeats"] = [r["rate"] for r in runs]
+    return chosen
+
+
+def run(*, count: int, warmup: int, repeats: int, levels: tuple[str, ...]) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for kind in ("singles", "batch500"):
+        floors: list[dict[str, Any]] = []
+        daemons: dict[str, list[dict[str, Any]]] = {level: [] for level in levels}
+        for _ in range(repeats):
+            floors.append(measure_floor(kind, count, warmup))
+            for level in levels:
+                daemons[level].append(measure_daemon(kind, count, warmup, level))
+        floor = _median_of(floors)
+        figure: dict[str, Any] = {"target": TARGETS[kind], "floor": floor, "daemon": {}}
+        for level in levels:
+            daemon = _median_of(daemons[level])
+            daemon["ratio"] = daemon["rate"] / floor["rate"]
+            daemon["meets_target"] = daemon["rate"] >= TARGETS[kind]
+            figure["daemon"][level] = daemon
+        results[kind] = figure
+    return results

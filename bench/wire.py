@@ -1,0 +1,151 @@
+"""Lean socket drivers: the benchmark client must cost the 2 shared cores as little as possible.
+
+``pipeline`` sends pre-encoded request lines over one connection from one
+thread (non-blocking socket, a selector), keeping at most ``window`` requests
+unanswered, and only counts answer lines while the clock runs; answers are
+parsed and checked after it stops. ``open_loop`` sends lines at a fixed rate
+regardless of answers and stamps each answer's arrival.
+"""
+
+from __future__ import annotations
+
+import json
+import selectors
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+_RECV = 1 << 20
+
+
+@dataclass
+class PipelineRun:
+    requests: int
+    seconds: float
+    answers: list[dict[str, Any]] = field(repr=False)
+
+
+def pipeline(socket_path: Path, lines: list[bytes], *, window: int) -> PipelineRun:
+    """Send every line, at most ``window`` unanswered at once; return when all are answered."""
+    payload = memoryview(b"".join(lines))
+    ends: list[int] = []
+    offset = 0
+    for line in lines:
+        offset += len(line)
+        ends.append(offset)
+    total = len(lines)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(str(socket_path))
+    sock.setblocking(False)
+    selector = selectors.DefaultSelector()
+    selector.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE)
+    chunks: list[bytes] = []
+    sent_bytes = 0
+    received = 0
+    writing = True
+    started = time.perf_counter()
+    try:
+        while received < total:
+            for _, events in selector.select():
+                if events & selectors.EVENT_READ:
+                    chunk = sock.recv(_RECV)
+                    if not chunk:
+                        raise ConnectionError(f"daemon closed the connection after {received} answers")
+                    chunks.append(chunk)
+                    received += chunk.count(b"\n")
+                if events & selectors.EVENT_WRITE:
+                    limit = ends[min(received + window, total) - 1]
+                    if limit > sent_bytes:
+                        sent_bytes += sock.send(payload[sent_bytes:limit])
+            want_write = sent_bytes < len(payload) and sent_bytes < ends[min(received + window, total) - 1]
+            if want_write != writing:
+                writing = want_write
+                selector.modify(sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if writing else 0))
+        seconds = time.perf_counter() - started
+    finally:
+        selector.close()
+        sock.close()
+    answers = [json.loads(line) for line in b"".join(chunks).splitlines()]
+    return PipelineRun(total, seconds, answers)
+
+
+@dataclass
+class OpenLoopRun:
+    rate: float
+    scheduled: list[float] = field(repr=False)
+    sent: list[float] = field(repr=False)
+    received: list[float] = field(repr=False)
+    answers: list[dict[str, Any]] = field(repr=False)
+
+    def latencies_from_send(self) -> list[float]:
+        return [r - s for r, s in zip(self.received, self.sent, strict=True)]
+
+    def latencies_from_schedule(self) -> list[float]:
+        return [r - s for r, s in zip(self.received, self.scheduled, strict=True)]
+
+
+def open_loop(socket_path: Path, lines: list[bytes], *, rate: float) -> OpenLoopRun:
+    """Send line i at ``start + i / rate`` (never waiting for answers); stamp every answer.
+
+    Two threads: the sender sleeps until each line is due (time.sleep is finer than a
+    selector's millisecond timeout); the receiver blocks in recv and stamps all the
+    answer lines of a chunk with the chunk's arrival time.
+    """
+    total = len(lines)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(str(socket_path))
+    sent = [0.0] * total
+    received: list[float] = []
+    chunks: list[bytes] = []
+    failure: list[BaseException] = []
+
+    def receive() -> None:
+        try:
+            while len(received) < total:
+                chunk = sock.recv(_RECV)
+                now = time.perf_counter()
+                if not chunk:
+                    raise ConnectionError(f"daemon closed the connection after {len(received)} answers")
+                chunks.append(chunk)
+                received.extend([now] * chunk.count(b"\n"))
+        except BaseException as exc:  # noqa: BLE001 - re-raised by the caller
+            failure.append(exc)
+
+    receiver = threading.Thread(target=receive, name="bench-receive", daemon=True)
+    receiver.start()
+    start = time.perf_counter() + 0.01
+    scheduled = [start + i / rate for i in range(total)]
+    try:
+        sendall, perf_counter, sleep = sock.sendall, time.perf_counter, time.sleep
+        for i, line in enumerate(lines):
+            delay = scheduled[i] - perf_counter()
+            if delay > 0:
+                sleep(delay)
+            sent[i] = perf_counter()
+            sendall(line)
+        receiver.join(timeout=60 + total / rate)
+    finally:
+        sock.close()
+    if failure:
+        raise failure[0]
+    if len(received) < total:
+        raise TimeoutError(f"only {len(received)} of {total} answers arrived")
+    answers = [json.loads(line) for line in b"".join(chunks).splitlines()]
+    return OpenLoopRun(rate, scheduled, sent, received, answers)
+
+
+def check_answers(answers: list[dict[str, Any]], expected_actions: int) -> int:
+    """Every answer ok (every batch result too), one per action; returns the actions appended."""
+    appended = 0
+    for answer in answers:
+        results = answer.get("results", [answer]) if answer.get("ok") else [answer]
+        for result in results:
+            if not result.get("ok"):
+                raise AssertionError(f"error answer: {result}")
+            appended += 1
+    if appended != expected_actions:
+        raise AssertionError(f"{appended} actions appended, expected {expected_actions}")
+    return appended
