@@ -256,7 +256,7 @@ class Daemon:
             fields = entry.fields
             context = {key: fields[key] for key in _LOGGED_FIELDS if key in fields}
             context["seq"] = entry.seq
-            context["timestamp"] = fields.get("timestamp_ms", fields["recorded_at_ms"])
+            context["timestamp"] = fields["timestamp_ms"] if "timestamp_ms" in fields else fields["recorded_at_ms"]
             events.append((action_log_event(fields["action_type"], fields), context))
         actions_log.write_group(events)
 

@@ -20,9 +20,13 @@ import structlog
 LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
-def _dumps(obj: Any, **kwargs: Any) -> str:
-    kwargs.setdefault("default", str)
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), **kwargs)
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str)
+
+
+def _dumps(obj: Any, **_: Any) -> str:
+    # One encoder for every line: json.dumps with options builds a new one per call,
+    # which costs more than the encoding on the per-action hot path.
+    return _ENCODER.encode(obj)
 
 
 class LogRing:
@@ -71,43 +75,31 @@ class _RingAndStreamLogger:
                 pass
 
 
-class _Collect:
-    """Final logger of the per-action log: keeps rendered lines for one batched write."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def info(self, message: str) -> None:
-        self.lines.append(message)
-
-
 class ActionLog:
     """The per-action log lines (one per committed entry), written once per group commit.
 
-    The hot path of the daemon logs every action; this logger renders with the
-    same JSON renderer as every other line but skips the per-call processors
-    (the caller passes ``level`` and one ``ts`` for the whole group) and writes
-    the group's lines in one system call.
+    The hot path of the daemon logs every action; these lines go through the
+    same structlog JSON renderer as every other line, called directly: the
+    caller passes one ``ts`` for the whole group, and the group's lines are
+    written with one system call.
     """
 
     def __init__(self, enabled: bool, out: _RingAndStreamLogger | None) -> None:
         self.enabled = enabled and out is not None
         self._out = out
-        self._collect = _Collect()
-        self._logger = structlog.wrap_logger(
-            self._collect,
-            processors=[structlog.processors.JSONRenderer(serializer=_dumps)],
-            cache_logger_on_first_use=True,
-        )
+        self._render = structlog.processors.JSONRenderer(serializer=_dumps)
 
     def write_group(self, events: list[tuple[str, dict[str, Any]]]) -> None:
         if not self.enabled or self._out is None:
             return
         ts = datetime.now(UTC).isoformat().replace("+00:00", "Z")
-        info = self._logger.info
+        render = self._render
+        lines = []
         for event, fields in events:
-            info(event, **fields, level="info", ts=ts)
-        lines, self._collect.lines = self._collect.lines, []
+            fields["event"] = event
+            fields["level"] = "info"
+            fields["ts"] = ts
+            lines.append(str(render(None, "info", fields)))
         self._out.write_lines(lines)
 
 

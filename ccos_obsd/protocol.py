@@ -84,21 +84,40 @@ def parse_frame(line: bytes, max_depth: int) -> dict[str, Any]:
         raise BadJson(f"invalid JSON: {exc}") from None
     if not isinstance(value, dict):
         raise BadJson("a request must be a JSON object")
-    if line.count(b"[") + line.count(b"{") > max_depth and _depth(value) > max_depth:
+    if line.count(b"[") + line.count(b"{") > max_depth and _nested_deeper_than(line, max_depth):
         raise BadJson(f"JSON is nested deeper than {max_depth} levels")
     return value
 
 
-def _depth(value: Any) -> int:
-    """Nesting depth of containers, without recursion."""
-    deepest = 0
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        item, level = stack.pop()
-        deepest = max(deepest, level)
-        children = item.values() if isinstance(item, dict) else item
-        stack.extend((child, level + 1) for child in children if isinstance(child, dict | list))
-    return deepest
+_ESCAPE = re.compile(rb"\\.")
+_NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'{}[]"')
+_EMPTY_CONTAINER = re.compile(rb"\{\}|\[\]")
+
+
+def _nested_deeper_than(line: bytes, max_depth: int) -> bool:
+    """Whether the (valid) JSON text nests containers deeper than ``max_depth``.
+
+    Works on the bytes at C speed: drop escapes, keep only brackets and quotes,
+    drop string contents, then peel empty containers layer by layer.
+    """
+    kept = _ESCAPE.sub(b"", line).translate(None, _NOT_STRUCTURE)
+    brackets = b"".join(kept.split(b'"')[::2])
+    # Fast pass: each round removes at least one layer and at most two.
+    for rounds in range(1, max_depth + 1):
+        brackets = brackets.replace(b"{}", b"").replace(b"[]", b"")
+        if not brackets:
+            if 2 * rounds <= max_depth:
+                return False
+            break
+    else:
+        return True
+    # Between max_depth/2 and max_depth rounds: peel exactly one layer per round.
+    brackets = b"".join(kept.split(b'"')[::2])
+    for _ in range(max_depth):
+        brackets = _EMPTY_CONTAINER.sub(b"", brackets)
+        if not brackets:
+            return False
+    return True
 
 
 def encode_answer(answer: Answer) -> bytes:
