@@ -35,7 +35,7 @@ from ccos_obsd.http import build_app
 from ccos_obsd.ledger import store
 from ccos_obsd.ledger.keys import SigningKey, load_or_create_signing_key
 from ccos_obsd.ledger.writer import CommittedEntry, LedgerWriter
-from ccos_obsd.log import LogRing, action_log, configure_logging
+from ccos_obsd.log import LogRing, action_log, configure_logging, lifecycle_log
 from ccos_obsd.metrics import Aggregates, LedgerCollector, LiveGauges
 from ccos_obsd.protocol import ConnectionRegistry, Dispatcher
 
@@ -151,11 +151,11 @@ class Daemon:
                     "key_id": key.key_id,
                     "pid": os.getpid(),
                 }
-                log.info("daemon_ready", **info)
+                lifecycle_log().info("daemon_ready", **info)
                 if ready is not None:
                     ready(info)
                 await self._stop.wait()
-                log.info("daemon_stopping", entries=writer.head.size)
+                lifecycle_log().info("daemon_stopping", entries=writer.head.size)
                 dispatcher.accepting_writes = False
                 server.close()
                 connections.stop_reading()
@@ -172,7 +172,7 @@ class Daemon:
                 render_pool.shutdown()
                 for conn in self._reader_connections:
                     conn.close()
-            log.info("daemon_stopped", entries=writer.head.size)
+            lifecycle_log().info("daemon_stopped", entries=writer.head.size)
 
     # --- start-up
 

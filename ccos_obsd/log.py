@@ -106,6 +106,14 @@ class ActionLog:
 _action_log = ActionLog(False, None)
 
 
+_lifecycle_log: Any = structlog.get_logger("ccos_obsd.lifecycle")
+
+
+def lifecycle_log() -> Any:
+    """The logger for the daemon's lifecycle lines, which no log level filters out."""
+    return _lifecycle_log
+
+
 def action_log() -> ActionLog:
     """The per-action logger configured by the last ``configure_logging``."""
     return _action_log
@@ -113,20 +121,26 @@ def action_log() -> ActionLog:
 
 def configure_logging(level: str, ring: LogRing, stream: TextIO | None = None) -> None:
     """Route structlog (and stdlib logging, e.g. aiohttp's) through the JSON renderer."""
-    global _action_log
+    global _action_log, _lifecycle_log
     lock = threading.Lock()
     out = stream if stream is not None else sys.stdout
     final_logger = _RingAndStreamLogger(out, ring, lock)
     numeric = logging.getLevelNamesMapping()[level.upper()]
     _action_log = ActionLog(numeric <= logging.INFO, final_logger)
+    processors: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
+        structlog.processors.format_exc_info,
+        structlog.processors.JSONRenderer(serializer=_dumps),
+    ]
+    # Start, ready, reload and stop lines are written at every level: operators and
+    # supervisors wait for them even when routine lines are off.
+    _lifecycle_log = structlog.wrap_logger(
+        final_logger, processors=processors, wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG)
+    )
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
-            structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(serializer=_dumps),
-        ],
+        processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=lambda *args: final_logger,
         cache_logger_on_first_use=False,

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.daemon import DaemonProcess, run_cli
+from tests.daemon import DaemonProcess, run_cli, running_daemon
 
 RUN_TIMEOUT_S = 20.0
 """A ``run`` that should refuse to start but does not would otherwise hang the suite."""
@@ -355,3 +355,17 @@ def test_sigterm_while_a_client_pipelines_answers_everything_it_read(state_dir: 
     for action_id, answer in acked.items():
         assert in_ledger[action_id]["seq"] == answer["seq"]
     verify_ok(state_dir, len(records))
+
+
+def test_lifecycle_lines_are_written_at_every_log_level(state_dir: Path) -> None:
+    """Supervisors wait for daemon_ready; a quieter log level must not hide it."""
+    with running_daemon(state_dir, "--log-level", "error") as daemon:
+        with daemon.client() as client:
+            client.append({"action_type": "PlanStarted"})
+        assert daemon.ready["entries"] == 0
+    lines = list(daemon.log)
+    while not daemon.lines.empty():
+        lines.append(daemon.lines.get_nowait())
+    events = [line.get("event") for line in lines if isinstance(line, dict)]
+    assert "daemon_stopped" in events
+    assert "action_appended" not in events

@@ -1,0 +1,623 @@
+"""The Working Memory store: derived entries in their own SQLite file, searchable.
+
+Layout (``wm.db`` under the state dir, WAL mode):
+
+- ``wm_entries``: one row per entry. ``record`` holds the entry's canonical JSON
+  (what searches return and what the digest covers); the other columns index it.
+  ``doc`` is the full-text document id; it only grows while entries are added.
+- ``wm_fts``: a contentless FTS5 table over title, content and tags (the text
+  lives once, in ``record``; triggers keep the index in step on insert and
+  delete).
+- ``wm_tags``: one row per (tag, entry), keyed ``(tag, timestamp_s, seq, doc)`` so a
+  tag filter reads its newest entries straight off the index.
+- ``wm_stats``: the entry count, the token total and the digest sum, updated in
+  the same transaction as every change, so ``count()``, ``digest()`` and the
+  budget check never scan.
+
+Ingest is idempotent: an entry whose id is already stored is skipped (the first
+delivery wins; within one ledger an id names one entry, so this only matters
+when entries from different ledgers meet).
+
+Digest: each entry's hash is SHA-256 of its canonical record; the store keeps
+their sum modulo 2^256 (a multiset hash, independent of insertion order and
+batching; eviction subtracts). ``digest()`` is SHA-256 over a domain tag, the
+entry count and that sum. It detects drift between two stores; it is not a
+security commitment (the ledger's signatures are).
+
+Search order is newest first: ``timestamp_s`` descending, then ``seq``, then
+``doc``. Each query reads one index in that order and stops at ``limit``: the
+plan, intent or session index when one is given, else the full-text index (see
+:meth:`WmStore._text_docs`), else the tag index, else the time index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import json
+import math
+import sqlite3
+import unicodedata
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from ccos_obsd.errors import InvalidRequest, ObsdError
+from ccos_obsd.ledger.store import checked_string
+from ccos_obsd.wm import WmEntry
+
+WM_FILE = "wm.db"
+FORMAT_VERSION = 1
+DEFAULT_SEARCH_LIMIT = 50
+MAX_SEARCH_LIMIT = 10_000
+MAX_QUERY_TAGS = 64
+MAX_QUERY_WORDS = 64
+_DIGEST_MODULUS = 1 << 256
+_DIGEST_CONTEXT = b"ccos-obsd/wm-digest/v1\x00"
+_STREAM_CHUNK = 256
+
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS wm_meta (
+        key   TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    ) STRICT""",
+    """CREATE TABLE IF NOT EXISTS wm_stats (
+        singleton  INTEGER PRIMARY KEY CHECK (singleton = 0),
+        entries    INTEGER NOT NULL,
+        tokens     INTEGER NOT NULL,
+        digest_sum BLOB NOT NULL
+    ) STRICT""",
+    "INSERT OR IGNORE INTO wm_stats (singleton, entries, tokens, digest_sum) VALUES (0, 0, 0, zeroblob(32))",
+    # ts_bound: the largest timestamp_s of this row and every row with a smaller doc
+    # (when it was inserted). It never decreases with doc, which lets a full-text
+    # search walk docs newest-inserted first and stop early (WmStore._text_docs).
+    """CREATE TABLE IF NOT EXISTS wm_entries (
+        doc           INTEGER PRIMARY KEY,
+        id            TEXT NOT NULL UNIQUE,
+        seq           INTEGER NOT NULL,
+        timestamp_s   REAL NOT NULL,
+        ts_bound      REAL NOT NULL,
+        plan_id       TEXT,
+        intent_id     TEXT,
+        session_id    TEXT,
+        approx_tokens INTEGER NOT NULL,
+        record        TEXT NOT NULL,
+        entry_hash    BLOB NOT NULL
+    ) STRICT""",
+    "CREATE INDEX IF NOT EXISTS wm_by_time ON wm_entries (timestamp_s, seq)",
+    "CREATE INDEX IF NOT EXISTS wm_by_plan ON wm_entries (plan_id, timestamp_s, seq) WHERE plan_id IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS wm_by_intent ON wm_entries (intent_id, timestamp_s, seq) WHERE intent_id IS NOT NULL",
+    """CREATE INDEX IF NOT EXISTS wm_by_session ON wm_entries (session_id, timestamp_s, seq)
+        WHERE session_id IS NOT NULL""",
+    """CREATE TABLE IF NOT EXISTS wm_tags (
+        tag         TEXT NOT NULL,
+        timestamp_s REAL NOT NULL,
+        seq         INTEGER NOT NULL,
+        doc         INTEGER NOT NULL,
+        PRIMARY KEY (tag, timestamp_s, seq, doc)
+    ) STRICT, WITHOUT ROWID""",
+    "CREATE INDEX IF NOT EXISTS wm_tags_by_doc ON wm_tags (doc, tag)",
+    # Contentless: the text is stored once, in wm_entries.record. A contentless
+    # table forgets a row only when told its exact original values, which the
+    # delete trigger reads back from the record.
+    """CREATE VIRTUAL TABLE IF NOT EXISTS wm_fts USING fts5(
+        title, content, tags, content='', columnsize=0, tokenize='unicode61 remove_diacritics 2'
+    )""",
+    """CREATE TRIGGER IF NOT EXISTS wm_entries_added AFTER INSERT ON wm_entries BEGIN
+        INSERT INTO wm_fts (rowid, title, content, tags)
+            VALUES (new.doc, new.record ->> '$.title', new.record ->> '$.content', new.record -> '$.tags');
+        INSERT INTO wm_tags (tag, timestamp_s, seq, doc)
+            SELECT DISTINCT value, new.timestamp_s, new.seq, new.doc FROM json_each(new.record, '$.tags');
+    END""",
+    """CREATE TRIGGER IF NOT EXISTS wm_entries_removed AFTER DELETE ON wm_entries BEGIN
+        INSERT INTO wm_fts (wm_fts, rowid, title, content, tags)
+            VALUES ('delete', old.doc, old.record ->> '$.title', old.record ->> '$.content', old.record -> '$.tags');
+        DELETE FROM wm_tags WHERE doc = old.doc;
+    END""",
+)
+_TABLES = ("wm_entries", "wm_tags", "wm_fts", "wm_stats")
+
+
+def wm_path(state_dir: Path) -> Path:
+    return state_dir / WM_FILE
+
+
+class WmQueryError(InvalidRequest):
+    """A Working Memory search argument is unusable (``field`` names it)."""
+
+
+class WmReadOnlyError(ObsdError):
+    """A write was attempted on a store opened with :meth:`WmStore.open_readonly`."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Query:
+    match: str | None
+    tags: tuple[str, ...]
+    since: float | None
+    until: float | None
+    plan_id: str | None
+    intent_id: str | None
+    session_id: str | None
+    limit: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Hit:
+    """A candidate search result, ordered newest first by (timestamp_s, seq, doc)."""
+
+    timestamp_s: float
+    seq: int
+    doc: int
+
+    @property
+    def key(self) -> tuple[float, int, int]:
+        return (self.timestamp_s, self.seq, self.doc)
+
+
+class WmStore:
+    """One Working Memory database. Use it from one thread at a time."""
+
+    def __init__(self, path: Path | str, *, durable: bool = True) -> None:
+        """Open (creating if needed) a read-write store at ``path``.
+
+        ``durable=False`` relaxes fsync to SQLite's ``synchronous=NORMAL`` (a power
+        loss may drop the last commits, which a replay restores).
+        """
+        self.path = Path(path)
+        self.readonly = False
+        conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+            _tune(conn)
+            conn.execute("BEGIN IMMEDIATE")
+            for statement in _SCHEMA:
+                conn.execute(statement)
+            _check_format(conn)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+
+    @classmethod
+    def open_readonly(cls, path: Path | str) -> WmStore:
+        """Open an existing store for reading only (SQLite refuses writes too)."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"no Working Memory store at {path}")
+        conn = sqlite3.connect(
+            f"{path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False, isolation_level=None
+        )
+        try:
+            _tune(conn)
+            conn.execute("PRAGMA query_only=ON")
+            row = conn.execute("SELECT value FROM wm_meta WHERE key = 'format'").fetchone()
+            if row is None or row[0] != str(FORMAT_VERSION):
+                raise sqlite3.DatabaseError(f"{path} is not a Working Memory store of format {FORMAT_VERSION}")
+        except BaseException:
+            conn.close()
+            raise
+        store = cls.__new__(cls)
+        store.path = path
+        store.readonly = True
+        store._conn = conn
+        return store
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> WmStore:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # --- writes
+
+    def ingest(self, entries: Sequence[WmEntry]) -> int:
+        """Add the entries whose ids are not stored yet, in one transaction; return how many were new."""
+        self._check_writable()
+        batch: dict[str, WmEntry] = {}
+        for entry in entries:
+            batch.setdefault(entry.id, entry)
+        if not batch:
+            return 0
+        with self._transaction() as conn:
+            known = {
+                row[0]
+                for row in conn.execute(
+                    "SELECT id FROM wm_entries WHERE id IN (SELECT value FROM json_each(?))",
+                    (json.dumps(list(batch)),),
+                )
+            }
+            bound_row = conn.execute("SELECT ts_bound FROM wm_entries ORDER BY doc DESC LIMIT 1").fetchone()
+            bound = -math.inf if bound_row is None else float(bound_row[0])
+            rows = []
+            added_sum = 0
+            added_tokens = 0
+            for entry in batch.values():
+                if entry.id in known:
+                    continue
+                record = entry.canonical_bytes()
+                entry_hash = hashlib.sha256(record).digest()
+                bound = max(bound, entry.timestamp_s)
+                rows.append((
+                    entry.id, entry.seq, entry.timestamp_s, bound, entry.plan_id, entry.intent_id,
+                    entry.session_id, entry.approx_tokens, record.decode("utf-8"), entry_hash,
+                ))
+                added_sum += int.from_bytes(entry_hash, "big")
+                added_tokens += entry.approx_tokens
+            conn.executemany(
+                "INSERT INTO wm_entries (id, seq, timestamp_s, ts_bound, plan_id, intent_id, session_id,"
+                " approx_tokens, record, entry_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+            self._add_stats(conn, len(rows), added_tokens, added_sum)
+        return len(rows)
+
+    def enforce_budgets(self, max_entries: int | None = None, max_tokens: int | None = None) -> int:
+        """Evict the oldest entries (by timestamp_s, then seq) until both budgets hold; return how many."""
+        for name, budget in (("max_entries", max_entries), ("max_tokens", max_tokens)):
+            if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
+                raise ValueError(f"{name} must be a non-negative integer or None")
+        self._check_writable()
+        entries, tokens, _ = self._stats()
+        excess_entries = 0 if max_entries is None else max(0, entries - max_entries)
+        excess_tokens = 0 if max_tokens is None else max(0, tokens - max_tokens)
+        if not excess_entries and not excess_tokens:
+            return 0
+        with self._transaction() as conn:
+            evicted: list[tuple[int]] = []
+            freed_tokens = 0
+            removed_sum = 0
+            oldest = conn.execute(
+                "SELECT doc, approx_tokens, entry_hash FROM wm_entries ORDER BY timestamp_s, seq, doc"
+            )
+            for doc, entry_tokens, entry_hash in oldest:
+                if len(evicted) >= excess_entries and freed_tokens >= excess_tokens:
+                    break
+                evicted.append((doc,))
+                freed_tokens += entry_tokens
+                removed_sum += int.from_bytes(entry_hash, "big")
+            oldest.close()
+            conn.executemany("DELETE FROM wm_entries WHERE doc = ?", evicted)
+            self._add_stats(conn, -len(evicted), -freed_tokens, -removed_sum)
+        return len(evicted)
+
+    def clear(self) -> None:
+        """Remove every entry (before a rebuild from the ledger)."""
+        self._check_writable()
+        with self._transaction() as conn:
+            # Dropping is a truncate; deleting row by row would run the triggers a million times.
+            for table in _TABLES:
+                conn.execute(f"DROP TABLE IF EXISTS {table}")
+            for statement in _SCHEMA:
+                conn.execute(statement)
+
+    # --- reads
+
+    def count(self) -> int:
+        return self._stats()[0]
+
+    def total_tokens(self) -> int:
+        return self._stats()[1]
+
+    def digest(self) -> str:
+        """Digest of the stored entries, independent of the order they arrived in (O(1))."""
+        entries, _, digest_sum = self._stats()
+        return _digest(entries, digest_sum)
+
+    def recompute_digest(self) -> str:
+        """The digest recomputed from every stored record (O(entries)); equals :meth:`digest`."""
+        total = 0
+        entries = 0
+        for (record,) in self._conn.execute("SELECT record FROM wm_entries"):
+            total += int.from_bytes(hashlib.sha256(record.encode("utf-8")).digest(), "big")
+            entries += 1
+        return _digest(entries, total % _DIGEST_MODULUS)
+
+    def search(
+        self,
+        text: str | None = None,
+        tags: Iterable[str] | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        plan_id: str | None = None,
+        intent_id: str | None = None,
+        session_id: str | None = None,
+        limit: int = DEFAULT_SEARCH_LIMIT,
+    ) -> list[dict[str, Any]]:
+        """Entries matching every given filter, newest first, at most ``limit``.
+
+        ``text``: every whitespace-separated word must occur (as a phrase of its
+        tokens; case and diacritics ignored) in the title, content or tags. User
+        text never reaches FTS5 as syntax. ``tags``: the entry carries any of them.
+        ``since`` (inclusive) and ``until`` (exclusive) bound ``timestamp_s``.
+        Raises :class:`WmQueryError` for unusable arguments.
+        """
+        query = _parse_query(text, tags, since, until, plan_id, intent_id, session_id, limit)
+        if query.plan_id is not None or query.intent_id is not None or query.session_id is not None:
+            hits = self._filtered_docs(query)
+        elif query.match is not None:
+            hits = self._text_docs(query)
+        elif query.tags:
+            hits = self._tag_docs(query)
+        else:
+            hits = self._filtered_docs(query)
+        return self._records(hits)
+
+    # --- internals
+
+    def _filtered_docs(self, query: _Query) -> list[_Hit]:
+        """Read an index of wm_entries in (timestamp_s, seq) order; SQLite picks the index."""
+        where, params = _entry_filters(query, with_text=True, with_tags=True)
+        sql = "SELECT e.timestamp_s, e.seq, e.doc FROM wm_entries AS e"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY e.timestamp_s DESC, e.seq DESC, e.doc DESC LIMIT ?"
+        return [_Hit(*row) for row in self._conn.execute(sql, (*params, query.limit))]
+
+    def _tag_docs(self, query: _Query) -> list[_Hit]:
+        """Each tag's newest entries off the tag index, merged (an entry may carry several tags)."""
+        where = ["tag = ?"]
+        params: list[Any] = []
+        if query.since is not None:
+            where.append("timestamp_s >= ?")
+            params.append(query.since)
+        if query.until is not None:
+            where.append("timestamp_s < ?")
+            params.append(query.until)
+        sql = (
+            f"SELECT timestamp_s, seq, doc FROM wm_tags WHERE {' AND '.join(where)}"  # noqa: S608 -- constant SQL fragments; values are bound
+            " ORDER BY timestamp_s DESC, seq DESC, doc DESC LIMIT ?"
+        )
+        per_tag = [
+            [_Hit(*row) for row in self._conn.execute(sql, (tag, *params, query.limit))] for tag in query.tags
+        ]
+        hits: list[_Hit] = []
+        seen: set[int] = set()
+        for hit in heapq.merge(*per_tag, key=lambda hit: hit.key, reverse=True):
+            if hit.doc not in seen:
+                seen.add(hit.doc)
+                hits.append(hit)
+                if len(hits) == query.limit:
+                    break
+        return hits
+
+    def _text_docs(self, query: _Query) -> list[_Hit]:
+        """The newest ``limit`` full-text matches, without sorting every match.
+
+        FTS5 yields matches by doc, and docs follow insertion order, not time. The
+        walk goes from the highest doc down keeping the best ``limit`` hits, and
+        stops once a row's ``ts_bound`` (an upper bound on the timestamp of that row
+        and of every lower doc) is older than the worst kept hit: nothing further
+        can enter. Entries arriving roughly in time order (as a ledger replay
+        does) make that a walk of about ``limit`` rows.
+        """
+        where, params = _entry_filters(query, with_text=False, with_tags=True)
+        where.insert(0, "wm_fts MATCH ?")
+        params.insert(0, query.match)
+        if query.since is not None:
+            lowest = self._lowest_doc_bounded_by(query.since)
+            if lowest is None:
+                return []
+            where.append("wm_fts.rowid >= ?")
+            params.append(lowest)
+        conditions = " AND ".join(where)
+        sql = f"""SELECT e.timestamp_s, e.seq, e.doc, e.ts_bound
+            FROM wm_fts JOIN wm_entries AS e ON e.doc = wm_fts.rowid
+            WHERE {conditions} ORDER BY wm_fts.rowid DESC"""  # noqa: S608 -- constant SQL fragments; values are bound
+        best: list[tuple[float, int, int]] = []  # min-heap of the best `limit` keys
+        cursor = self._conn.execute(sql, params)
+        try:
+            for timestamp_s, seq, doc, ts_bound in _rows(cursor):
+                if len(best) == query.limit and ts_bound < best[0][0]:
+                    break
+                key = (timestamp_s, seq, doc)
+                if len(best) < query.limit:
+                    heapq.heappush(best, key)
+                elif key > best[0]:
+                    heapq.heapreplace(best, key)
+        finally:
+            cursor.close()
+        return [_Hit(*key) for key in sorted(best, reverse=True)]
+
+    def _lowest_doc_bounded_by(self, since: float) -> int | None:
+        """The lowest doc whose ts_bound is >= ``since`` (no lower doc can be that recent)."""
+        row = self._conn.execute("SELECT min(doc), max(doc) FROM wm_entries").fetchone()
+        low, high = row
+        if high is None:
+            return None
+        probe = "SELECT doc, ts_bound FROM wm_entries WHERE doc >= ? ORDER BY doc LIMIT 1"
+        top = self._conn.execute(probe, (high,)).fetchone()
+        if top[1] < since:
+            return None
+        # ts_bound never decreases with doc: binary search over the doc range.
+        while low < high:
+            middle = (low + high) // 2
+            doc, ts_bound = self._conn.execute(probe, (middle,)).fetchone()
+            if ts_bound >= since:
+                high = doc
+            else:
+                low = doc + 1
+        return int(low)
+
+    def _records(self, hits: list[_Hit]) -> list[dict[str, Any]]:
+        if not hits:
+            return []
+        rows = self._conn.execute(
+            "SELECT doc, record FROM wm_entries WHERE doc IN (SELECT value FROM json_each(?))",
+            (json.dumps([hit.doc for hit in hits]),),
+        )
+        records = {doc: record for doc, record in rows}
+        return [json.loads(records[hit.doc]) for hit in hits if hit.doc in records]
+
+    def _stats(self) -> tuple[int, int, int]:
+        entries, tokens, digest_sum = self._conn.execute(
+            "SELECT entries, tokens, digest_sum FROM wm_stats WHERE singleton = 0"
+        ).fetchone()
+        return int(entries), int(tokens), int.from_bytes(digest_sum, "big")
+
+    def _add_stats(self, conn: sqlite3.Connection, entries: int, tokens: int, digest_delta: int) -> None:
+        _, _, digest_sum = self._stats()
+        conn.execute(
+            "UPDATE wm_stats SET entries = entries + ?, tokens = tokens + ?, digest_sum = ? WHERE singleton = 0",
+            (entries, tokens, ((digest_sum + digest_delta) % _DIGEST_MODULUS).to_bytes(32, "big")),
+        )
+
+    def _check_writable(self) -> None:
+        if self.readonly:
+            raise WmReadOnlyError(f"Working Memory store {self.path} is open read-only")
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._conn
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+
+
+def _tune(conn: sqlite3.Connection) -> None:
+    conn.execute("PRAGMA busy_timeout=5000")
+    # A bigger page cache keeps the index pages of a million-entry store in memory.
+    conn.execute("PRAGMA cache_size=-65536")
+    conn.execute("PRAGMA temp_store=MEMORY")
+
+
+def _check_format(conn: sqlite3.Connection) -> None:
+    row = conn.execute("SELECT value FROM wm_meta WHERE key = 'format'").fetchone()
+    if row is None:
+        conn.execute("INSERT INTO wm_meta (key, value) VALUES ('format', ?)", (str(FORMAT_VERSION),))
+    elif row[0] != str(FORMAT_VERSION):
+        raise sqlite3.DatabaseError(
+            f"Working Memory format {row[0]} is not supported (this version reads {FORMAT_VERSION}); "
+            "remove the file and replay the ledger"
+        )
+
+
+def _digest(entries: int, digest_sum: int) -> str:
+    return hashlib.sha256(_DIGEST_CONTEXT + entries.to_bytes(8, "big") + digest_sum.to_bytes(32, "big")).hexdigest()
+
+
+def _rows(cursor: sqlite3.Cursor) -> Iterator[tuple[Any, ...]]:
+    while chunk := cursor.fetchmany(_STREAM_CHUNK):
+        yield from chunk
+
+
+def _entry_filters(query: _Query, *, with_text: bool, with_tags: bool) -> tuple[list[str], list[Any]]:
+    """WHERE terms over ``wm_entries AS e`` for the filters a query driver does not cover itself."""
+    where: list[str] = []
+    params: list[Any] = []
+    for column, value in (("plan_id", query.plan_id), ("intent_id", query.intent_id),
+                          ("session_id", query.session_id)):
+        if value is not None:
+            where.append(f"e.{column} = ?")
+            params.append(value)
+    if query.since is not None:
+        where.append("e.timestamp_s >= ?")
+        params.append(query.since)
+    if query.until is not None:
+        where.append("e.timestamp_s < ?")
+        params.append(query.until)
+    if with_tags and query.tags:
+        marks = ", ".join("?" * len(query.tags))
+        tag_filter = f"EXISTS (SELECT 1 FROM wm_tags AS t WHERE t.doc = e.doc AND t.tag IN ({marks}))"  # noqa: S608 -- placeholders only
+        where.append(tag_filter)
+        params.extend(query.tags)
+    if with_text and query.match is not None:
+        # Correlated: a per-row look-up in the text index, never a list of every match.
+        where.append("EXISTS (SELECT 1 FROM wm_fts WHERE wm_fts MATCH ? AND wm_fts.rowid = e.doc)")
+        params.append(query.match)
+    return where, params
+
+
+def fts_match_expression(text: str) -> str:
+    """An FTS5 query that matches ``text`` as plain words (every word, as a phrase of its tokens).
+
+    Each whitespace-separated word is wrapped in double quotes (inner quotes
+    doubled), so FTS5 operators, column filters, ``*``, ``^`` and parentheses in
+    user text are only ever characters to tokenize. Words without a token
+    character (letters, digits, private-use characters: the unicode61 tokenizer's
+    defaults) are dropped; text left with no word raises :class:`WmQueryError`.
+    """
+    if not isinstance(text, str):
+        raise WmQueryError("text must be a string", field="text")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise WmQueryError("text is not valid Unicode (lone surrogate)", field="text") from None
+    # NUL ends an FTS5 string literal; it is a separator anyway.
+    words = [word for word in text.replace("\x00", " ").split() if any(map(_is_token_char, word))]
+    if not words:
+        raise WmQueryError("text has no word to search for (only spaces or punctuation)", field="text")
+    if len(words) > MAX_QUERY_WORDS:
+        raise WmQueryError(f"text has more than {MAX_QUERY_WORDS} words", field="text")
+    return " ".join('"' + word.replace('"', '""') + '"' for word in words)
+
+
+def _is_token_char(char: str) -> bool:
+    category = unicodedata.category(char)
+    return category[0] in "LN" or category == "Co"
+
+
+def _parse_query(
+    text: Any, tags: Any, since: Any, until: Any, plan_id: Any, intent_id: Any, session_id: Any, limit: Any
+) -> _Query:
+    match = None if text is None else fts_match_expression(text)
+    tag_list: tuple[str, ...] = ()
+    if tags is not None:
+        if isinstance(tags, str | bytes) or not isinstance(tags, Iterable):
+            raise WmQueryError("tags must be a list of strings", field="tags")
+        names = []
+        for tag in tags:
+            if not isinstance(tag, str) or not tag:
+                raise WmQueryError("each tag must be a non-empty string", field="tags")
+            names.append(_checked(tag, "tags").lower())  # stored tags are lower case (WmEntry)
+        if not names:
+            raise WmQueryError("tags must name at least one tag", field="tags")
+        tag_list = tuple(dict.fromkeys(names))
+        if len(tag_list) > MAX_QUERY_TAGS:
+            raise WmQueryError(f"at most {MAX_QUERY_TAGS} tags", field="tags")
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_SEARCH_LIMIT:
+        raise WmQueryError(f"limit must be an integer from 1 to {MAX_SEARCH_LIMIT}", field="limit")
+    return _Query(
+        match=match,
+        tags=tag_list,
+        since=_seconds(since, "since"),
+        until=_seconds(until, "until"),
+        plan_id=None if plan_id is None else _checked(plan_id, "plan_id"),
+        intent_id=None if intent_id is None else _checked(intent_id, "intent_id"),
+        session_id=None if session_id is None else _checked(session_id, "session_id"),
+        limit=limit,
+    )
+
+
+def _checked(value: Any, field: str) -> str:
+    try:
+        return checked_string(value, field)
+    except InvalidRequest as exc:
+        raise WmQueryError(exc.message, field=field) from None
+
+
+def _seconds(value: Any, field: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise WmQueryError(f"{field} must be a number of seconds", field=field)
+    try:
+        seconds = float(value)
+    except OverflowError:
+        raise WmQueryError(f"{field} is out of range", field=field) from None
+    if not math.isfinite(seconds):
+        raise WmQueryError(f"{field} must be finite", field=field)
+    return seconds
