@@ -369,3 +369,13 @@ def test_lifecycle_lines_are_written_at_every_log_level(state_dir: Path) -> None
     events = [line.get("event") for line in lines if isinstance(line, dict)]
     assert "daemon_stopped" in events
     assert "action_appended" not in events
+
+
+def test_an_unusable_state_dir_is_a_configuration_error(state_dir: Path) -> None:
+    not_a_dir = state_dir / "file"
+    not_a_dir.write_text("x")
+    result = run_cli("run", "--state-dir", str(not_a_dir / "state"), "--http", "127.0.0.1:0")
+    assert result.returncode == 2
+    lines = result.stderr.decode().strip().splitlines()
+    assert len(lines) == 1
+    assert "state_dir" in lines[0]
