@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import base64
 import binascii
+import hashlib
 import json
 import os
 import sys
@@ -24,7 +25,9 @@ from ccos_obsd.errors import ConfigError, RemoteError, StartupError, Verificatio
 from ccos_obsd.ledger import store
 from ccos_obsd.ledger.hashing import Hash
 from ccos_obsd.ledger.keys import KeyFormatError, KeyId, VerifierKey
-from ccos_obsd.ledger.verify import KeyRange, KeyRing, verify_entries
+from ccos_obsd.ledger.merkle import ProofError
+from ccos_obsd.ledger.note import NoteError, verify_tlog_proof
+from ccos_obsd.ledger.verify import CheckpointRecord, KeyRange, KeyRing, verify_entries
 
 EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, EXIT_STARTUP = 0, 1, 2, 3
 
@@ -101,6 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="trusted verifier key (signed-note format); repeatable. "
                         "Default: the state dir's key ring")
     verify.add_argument("--quiet", action="store_true", help="no progress bar")
+    verify.add_argument("--since-checkpoint", action="append", default=[], type=Path, metavar="FILE",
+                        help="a signed checkpoint saved earlier (trusted state): the ledger must extend it; "
+                        "repeatable")
+    verify.add_argument("--allow-pending", action="store_true",
+                        help="accept unsigned entries after the latest checkpoint (checkpoint signing mode, "
+                        "daemon running): they are hash-checked but not yet covered by a signature")
+    verify.add_argument("--proof", type=Path, metavar="FILE",
+                        help="check a tlog-proof (from `prove`) against the verifier keys, without the ledger")
     verify.set_defaults(func=cmd_verify)
 
     keys = commands.add_parser("keys", help="print the verifier keys (signed-note vkeys)",
@@ -109,6 +120,20 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(keys)
     keys.add_argument("--verbose", "-v", action="store_true", help="also print each key's seq range")
     keys.set_defaults(func=cmd_keys)
+
+    prove = commands.add_parser("prove", help="print an inclusion or consistency proof",
+                                description="Print a C2SP tlog-proof that an entry is in the log (with the "
+                                "entry's bytes and the latest signed checkpoint: `verify --proof` checks it "
+                                "offline), or an RFC 6962 consistency proof between two tree sizes as JSON. "
+                                "Asks the running daemon, or reads --state-dir when given.")
+    _config_args(prove)
+    _socket_arg(prove)
+    target = prove.add_mutually_exclusive_group(required=True)
+    target.add_argument("--seq", type=int, metavar="N", help="the entry at seq N")
+    target.add_argument("--action-id", metavar="ID", help="the entry with this action_id")
+    target.add_argument("--consistency", type=int, nargs="+", metavar="SIZE",
+                        help="OLD [NEW]: tree size OLD is a prefix of NEW (default: the current size)")
+    prove.set_defaults(func=cmd_prove)
 
     query = commands.add_parser("query", help="query the ledger (NDJSON records)",
                                 description="Print matching entries, oldest first (--desc: newest first), "
@@ -224,6 +249,48 @@ def cmd_query(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_prove(args: argparse.Namespace) -> int:
+    if args.consistency is not None and len(args.consistency) > 2:
+        raise UsageError("--consistency takes OLD and optionally NEW")
+    if args.state_dir is not None:
+        answer = _prove_offline(args)
+    else:
+        with _connect(args) as client:
+            if args.consistency is not None:
+                request: dict[str, Any] = {"op": "prove_consistency", "size1": args.consistency[0]}
+                if len(args.consistency) == 2:
+                    request["size2"] = args.consistency[1]
+            else:
+                request = {"op": "prove_inclusion"}
+                request.update({"seq": args.seq} if args.seq is not None else {"action_id": args.action_id})
+            answer = client.request(request)
+        if not answer.get("ok"):
+            raise UsageError(RemoteError.from_answer(answer).message)
+        answer.pop("ok")
+    if args.consistency is not None:
+        print(json.dumps(answer, indent=2))
+    else:
+        sys.stdout.write(answer["proof"])
+    return EXIT_OK
+
+
+def _prove_offline(args: argparse.Namespace) -> dict[str, Any]:
+    from ccos_obsd.errors import RequestError
+    from ccos_obsd.ledger import proofs
+    from ccos_obsd.protocol import snapshot
+
+    conn = _open_ledger(args)
+    try:
+        if args.consistency is not None:
+            size2 = args.consistency[1] if len(args.consistency) == 2 else None
+            return snapshot(conn, proofs.consistency, args.consistency[0], size2)
+        return snapshot(conn, proofs.inclusion, seq=args.seq, action_id=args.action_id)
+    except RequestError as exc:
+        raise UsageError(exc.message) from None
+    finally:
+        conn.close()
+
+
 # --- reading the state dir
 
 
@@ -267,17 +334,28 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     ring = _key_ring(args)
+    if args.proof is not None:
+        return _verify_proof(args.proof, ring)
+    trusted = [
+        CheckpointRecord(_read_text(path), source=f"--since-checkpoint {path}") for path in args.since_checkpoint
+    ]
     progress = _progress(args)
     try:
         if args.export is not None:
-            report = verify_entries(_export_entries(args.export), ring, progress=progress.update)
+            report = verify_entries(
+                _export_entries(args.export), ring, progress=progress.update,
+                checkpoints=trusted, allow_pending=args.allow_pending,
+            )
         else:
             conn = _open_ledger(args)
             try:
-                conn.execute("BEGIN")
-                total = store.read_head(conn).size
-                progress.total = total
-                report = verify_entries(store.iter_entries(conn), ring, progress=progress.update)
+                conn.execute("BEGIN")  # one snapshot, even while the daemon appends
+                progress.total = store.read_head(conn).size
+                stored = [CheckpointRecord(c.note, size=c.size) for c in store.read_checkpoints(conn)]
+                report = verify_entries(
+                    store.iter_entries(conn), ring, progress=progress.update,
+                    checkpoints=stored + trusted, allow_pending=args.allow_pending,
+                )
             finally:
                 conn.close()
     except VerificationError as error:
@@ -285,8 +363,33 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"FAILED: {error}", file=sys.stdout)
         return EXIT_PROBLEM
     progress.close()
-    print(f"ok: {report.entries} entries, {report.signatures_checked} signatures, "
-          f"chain head {report.head_chain_hash.hex()}")
+    line = (f"ok: {report.entries} entries, {report.signatures_checked} signatures, "
+            f"{report.checkpoints_checked} checkpoints (latest covers {report.covered_size}), "
+            f"chain head {report.head_chain_hash.hex()}")
+    if report.pending:
+        line += f"; {report.pending} entries after the latest checkpoint are not covered yet"
+    print(line)
+    return EXIT_OK
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{path} is not UTF-8 text") from None
+
+
+def _verify_proof(path: Path, ring: KeyRing) -> int:
+    text = sys.stdin.read() if str(path) == "-" else _read_text(path)
+    try:
+        index, entry, checkpoint = verify_tlog_proof(text, ring.all_keys())
+    except (NoteError, ProofError) as exc:
+        print(f"FAILED: {exc}")
+        return EXIT_PROBLEM
+    print(f"ok: entry {index} is in the log {checkpoint.origin} of size {checkpoint.size} "
+          f"(root {base64.b64encode(checkpoint.root_hash).decode()}); entry sha256 {hashlib.sha256(entry).hexdigest()}")
     return EXIT_OK
 
 
@@ -296,8 +399,8 @@ def _key_ring(args: argparse.Namespace) -> KeyRing:
             return KeyRing(KeyRange(VerifierKey.from_vkey(v)) for v in args.vkey)
         except KeyFormatError as exc:
             raise UsageError(f"--vkey: {exc}") from None
-    if args.export is not None and args.state_dir is None and args.config is None:
-        raise UsageError("verifying an export needs the signer's keys: --vkey KEY or --state-dir DIR")
+    if (args.export is not None or args.proof is not None) and args.state_dir is None and args.config is None:
+        raise UsageError("verifying without the ledger needs the signer's keys: --vkey KEY or --state-dir DIR")
     conn = _open_ledger(args)
     try:
         return KeyRing(KeyRange(key, first, last) for key, first, last in store.read_keys(conn))

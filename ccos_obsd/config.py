@@ -12,7 +12,7 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ccos_obsd.errors import ConfigError
 from ccos_obsd.log import LEVELS
@@ -52,6 +52,12 @@ class LedgerConfig:
 @dataclass(frozen=True)
 class SigningConfig:
     key_name: str
+    mode: Literal["entry", "checkpoint"]
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    interval_s: float
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,7 @@ class Config:
     http: HttpConfig
     ledger: LedgerConfig
     signing: SigningConfig
+    checkpoint: CheckpointConfig
     metrics: MetricsConfig
     log: LogConfig
     actions: ActionsConfig
@@ -166,6 +173,23 @@ def _key_name(value: Any) -> str:
     return text
 
 
+def _signing_mode(value: Any) -> str:
+    text = _str(value)
+    if text not in ("entry", "checkpoint"):
+        raise ValueError('must be "entry" (every entry signed) or "checkpoint" (checkpoints only)')
+    return text
+
+
+def _seconds(value: Any) -> float:
+    if isinstance(value, str):
+        value = float(value.strip())
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("must be a number of seconds")
+    if not 0.01 <= value <= 3600:
+        raise ValueError("must be between 0.01 and 3600 seconds")
+    return float(value)
+
+
 def _buckets(value: Any) -> tuple[float, ...]:
     if isinstance(value, str):
         value = [v for v in value.split(",") if v.strip()]
@@ -197,6 +221,8 @@ KEYS: dict[str, tuple[Any, Callable[[Any], Any]]] = {
     "ledger.max_group": (4096, _int_range(1, 1_000_000)),
     "ledger.max_pending": (200_000, _int_range(1, 100_000_000)),
     "signing.key_name": ("", _key_name),
+    "signing.mode": ("entry", _signing_mode),
+    "checkpoint.interval": (1.0, _seconds),
     "metrics.duration_buckets": (list(DEFAULT_DURATION_BUCKETS), _buckets),
     "log.level": ("info", _level),
     "log.ring_size": (256, _int_range(1, 1_000_000)),
@@ -288,7 +314,8 @@ def _build(v: dict[str, Any]) -> Config:
         ),
         http=HttpConfig(enabled=v["http.enabled"], host=host, port=port),
         ledger=LedgerConfig(max_group=v["ledger.max_group"], max_pending=v["ledger.max_pending"]),
-        signing=SigningConfig(key_name=v["signing.key_name"]),
+        signing=SigningConfig(key_name=v["signing.key_name"], mode=v["signing.mode"]),
+        checkpoint=CheckpointConfig(interval_s=v["checkpoint.interval"]),
         metrics=MetricsConfig(duration_buckets=v["metrics.duration_buckets"]),
         log=LogConfig(level=v["log.level"], ring_size=v["log.ring_size"]),
         actions=ActionsConfig(allow_custom_types=v["actions.allow_custom_types"]),

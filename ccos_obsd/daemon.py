@@ -118,7 +118,13 @@ class Daemon:
         with _signal_handlers(loop, self.request_stop), state_dir_lock(config.state_dir):
             key = self._load_key()
             db = store.ledger_path(config.state_dir)
-            writer = LedgerWriter(db, key, loop, max_group=config.ledger.max_group, on_commit=self._on_commit)
+            writer = LedgerWriter(
+                db, key, loop,
+                max_group=config.ledger.max_group,
+                on_commit=self._on_commit,
+                signing_mode=config.signing.mode,
+                checkpoint_interval_s=config.checkpoint.interval_s,
+            )
             self._restore_aggregates(db)
             writer.start()
             reader_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ccos-read")

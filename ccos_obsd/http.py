@@ -17,10 +17,11 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from ccos_obsd.errors import InvalidRequest, NotFound, RequestError
-from ccos_obsd.ledger import store
+from ccos_obsd.ledger import proofs, store
 from ccos_obsd.ledger.writer import LedgerWriter
 from ccos_obsd.log import LogRing
 from ccos_obsd.metrics import Aggregates
+from ccos_obsd.protocol import snapshot
 
 ReadFn = Callable[[Callable[[Any], Any]], "asyncio.Future[Any]"]
 
@@ -54,6 +55,9 @@ def build_app(
     app.router.add_get("/v1/actions/{action_id}", entry_by_action_id)
     app.router.add_get("/v1/query", query)
     app.router.add_get("/v1/stats", stats)
+    app.router.add_get("/v1/checkpoint", checkpoint)
+    app.router.add_get("/v1/proof/inclusion", proof_inclusion)
+    app.router.add_get("/v1/proof/consistency", proof_consistency)
     return app
 
 
@@ -117,6 +121,35 @@ async def stats(request: web.Request) -> web.Response:
         snapshot.stats(capability=request.query.get("capability"), function=request.query.get("function")),
         dumps=_dumps,
     )
+
+
+async def checkpoint(request: web.Request) -> web.Response:
+    answer = await request.app[READ_KEY](  # type: ignore[operator]
+        lambda conn: snapshot(conn, lambda c: {"note": proofs.latest_checkpoint_note(c)})
+    )
+    return web.Response(text=answer["note"], content_type="text/plain")
+
+
+async def proof_inclusion(request: web.Request) -> web.Response:
+    """``?seq=N`` or ``?action_id=ID``: the C2SP tlog-proof, as text."""
+    seq = _int_param(request, "seq", -1) if "seq" in request.query else None
+    action_id = request.query.get("action_id")
+    if (seq is None) == (action_id is None):
+        raise InvalidRequest("give exactly one of seq or action_id")
+    answer = await request.app[READ_KEY](  # type: ignore[operator]
+        lambda conn: snapshot(conn, proofs.inclusion, seq=seq, action_id=action_id)
+    )
+    return web.Response(text=answer["proof"], content_type="text/plain")
+
+
+async def proof_consistency(request: web.Request) -> web.Response:
+    """``?size1=A&size2=B`` (size2 defaults to the ledger's size): JSON as in the RFC 6962 vectors."""
+    size1 = _int_param(request, "size1", 0)
+    size2 = _int_param(request, "size2", 0) if "size2" in request.query else None
+    answer = await request.app[READ_KEY](  # type: ignore[operator]
+        lambda conn: snapshot(conn, proofs.consistency, size1, size2)
+    )
+    return web.json_response(answer, dumps=_dumps)
 
 
 def _int_param(request: web.Request, name: str, default: int) -> int:

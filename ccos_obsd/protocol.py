@@ -42,7 +42,7 @@ from ccos_obsd.errors import (
     Unavailable,
     UnknownOp,
 )
-from ccos_obsd.ledger import store
+from ccos_obsd.ledger import proofs, store
 from ccos_obsd.ledger.writer import AppendOutcome, AppendResult, LedgerWriter
 from ccos_obsd.log import LogRing
 from ccos_obsd.metrics import Aggregates, LiveGauges
@@ -180,6 +180,9 @@ class Dispatcher:
             "query": self._op_query,
             "logs": self._op_logs,
             "stats": self._op_stats,
+            "checkpoint": self._op_checkpoint,
+            "prove_inclusion": self._op_prove_inclusion,
+            "prove_consistency": self._op_prove_consistency,
         }
 
     def dispatch_line(self, line: bytes, peer: dict[str, int] | None) -> _Pending:
@@ -321,8 +324,40 @@ class Dispatcher:
 
         return _Pending("", None, False, later=answer)
 
+    def _op_checkpoint(self, request: dict[str, Any], ctx: _Context) -> _Pending:
+        _only(request, set())
+        return self._deferred(lambda conn: {"ok": True, "checkpoint": proofs.latest_checkpoint_note(conn)})
+
+    def _op_prove_inclusion(self, request: dict[str, Any], ctx: _Context) -> _Pending:
+        _only(request, {"seq", "action_id"})
+        seq, action_id = request.get("seq"), request.get("action_id")
+        if (seq is None) == (action_id is None):
+            raise InvalidRequest("prove_inclusion needs exactly one of 'seq' or 'action_id'")
+        if seq is not None:
+            store.checked_int(seq, "seq")
+        if action_id is not None:
+            store.checked_string(action_id, "action_id")
+        return self._deferred(
+            lambda conn: {"ok": True, **snapshot(conn, proofs.inclusion, seq=seq, action_id=action_id)}
+        )
+
+    def _op_prove_consistency(self, request: dict[str, Any], ctx: _Context) -> _Pending:
+        _only(request, {"size1", "size2"})
+        size1 = store.checked_int(request.get("size1"), "size1")
+        size2 = None if request.get("size2") is None else store.checked_int(request["size2"], "size2")
+        return self._deferred(lambda conn: {"ok": True, **snapshot(conn, proofs.consistency, size1, size2)})
+
     def _deferred(self, read: Callable[[Any], Answer]) -> _Pending:
         return _Pending("", None, False, later=lambda: self._read(read))
+
+
+def snapshot(conn: Any, read: Callable[..., Answer], *args: Any, **kwargs: Any) -> Answer:
+    """Run ``read`` inside one read transaction, so every row it reads is from one moment."""
+    conn.execute("BEGIN")
+    try:
+        return read(conn, *args, **kwargs)
+    finally:
+        conn.execute("COMMIT")
 
 
 def _identity(answer: Answer) -> Answer:

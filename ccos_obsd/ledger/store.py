@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import sqlite3
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from typing import Any
 from ccos_obsd.errors import InvalidRequest
 from ccos_obsd.ledger.hashing import CHAIN_ROOT, Hash
 from ccos_obsd.ledger.keys import KeyId, VerifierKey
+from ccos_obsd.ledger.merkle import TILE_WIDTH, TiledHashReader, TileId
 
 LEDGER_FILE = "ledger.db"
 FORMAT_VERSION = 1
@@ -55,6 +56,19 @@ CREATE INDEX IF NOT EXISTS entries_by_function ON entries (function_name, seq)
     WHERE function_name IS NOT NULL;
 CREATE INDEX IF NOT EXISTS entries_by_type     ON entries (action_type, seq);
 CREATE INDEX IF NOT EXISTS entries_by_time     ON entries (time_ms, seq);
+CREATE TABLE IF NOT EXISTS tiles (
+    level  INTEGER NOT NULL,
+    idx    INTEGER NOT NULL,
+    data   BLOB NOT NULL,
+    PRIMARY KEY (level, idx)
+) STRICT, WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS checkpoints (
+    size          INTEGER PRIMARY KEY,
+    root_hash     BLOB NOT NULL,
+    note          TEXT NOT NULL,
+    key_id        TEXT NOT NULL,
+    created_at_ms INTEGER NOT NULL
+) STRICT;
 CREATE TABLE IF NOT EXISTS keys (
     key_id       TEXT PRIMARY KEY,
     vkey         TEXT NOT NULL,
@@ -284,3 +298,60 @@ def checked_int(value: Any, key: str) -> int:
     if not -(2**63) <= value < 2**63:
         raise InvalidRequest(f"{key} is out of range", field=key)
     return value
+
+
+class LedgerTileReader:
+    """tlog-tiles over the ledger: level-0 tiles from the entries' leaf hashes, the rest from ``tiles``.
+
+    Only tiles at levels 8, 16, ... of the tree are stored (about 1/255 of the leaf
+    hashes); level 0 is served from ``entries.leaf_hash``, so the tree costs almost
+    no space beyond the leaves.
+    """
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def read_tiles(self, tiles: Sequence[TileId]) -> list[bytes]:
+        out: list[bytes] = []
+        for tile in tiles:
+            if tile.level == 0:
+                first = tile.index * TILE_WIDTH
+                rows = self._conn.execute(
+                    "SELECT leaf_hash FROM entries WHERE seq >= ? AND seq < ? ORDER BY seq",
+                    (first, first + TILE_WIDTH),
+                ).fetchall()
+                out.append(b"".join(bytes(row[0]) for row in rows))
+            else:
+                row = self._conn.execute(
+                    "SELECT data FROM tiles WHERE level = ? AND idx = ?", (tile.level, tile.index)
+                ).fetchone()
+                out.append(b"" if row is None else bytes(row[0]))
+        return out
+
+
+def hash_reader(conn: sqlite3.Connection) -> TiledHashReader:
+    return TiledHashReader(LedgerTileReader(conn))
+
+
+@dataclass(frozen=True, slots=True)
+class StoredCheckpoint:
+    size: int
+    root_hash: Hash
+    note: str
+    key_id: KeyId
+    created_at_ms: int
+
+
+def read_checkpoints(conn: sqlite3.Connection) -> list[StoredCheckpoint]:
+    rows = conn.execute("SELECT size, root_hash, note, key_id, created_at_ms FROM checkpoints ORDER BY size")
+    return [StoredCheckpoint(size, Hash(bytes(root)), note, KeyId(key_id), at) for size, root, note, key_id, at in rows]
+
+
+def latest_checkpoint(conn: sqlite3.Connection) -> StoredCheckpoint | None:
+    row = conn.execute(
+        "SELECT size, root_hash, note, key_id, created_at_ms FROM checkpoints ORDER BY size DESC LIMIT 1"
+    ).fetchone()
+    if row is None:
+        return None
+    size, root, note, key_id, at = row
+    return StoredCheckpoint(size, Hash(bytes(root)), note, KeyId(key_id), at)

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ccos_obsd.errors import VerificationError
 from ccos_obsd.ledger.hashing import CHAIN_ROOT, Hash, chain_hash, entry_signed_message, leaf_hash
 from ccos_obsd.ledger.keys import VerifierKey
+from ccos_obsd.ledger.merkle import TreeBuilder
+from ccos_obsd.ledger.note import Checkpoint, NoteError, parse_note, verify_checkpoint
 from ccos_obsd.ledger.store import StoredEntry
 
 _SIGNATURE_CHUNK = 512
@@ -44,6 +46,12 @@ class KeyRing:
     def __len__(self) -> int:
         return len(self._by_id)
 
+    def all_keys(self) -> list[VerifierKey]:
+        return [r.key for ranges in self._by_id.values() for r in ranges]
+
+    def keys_named(self, name: str) -> list[VerifierKey]:
+        return [r.key for ranges in self._by_id.values() for r in ranges if r.key.name == name]
+
     def key_for(self, key_id: str, seq: int) -> VerifierKey:
         ranges = self._by_id.get(key_id)
         if not ranges:
@@ -59,6 +67,36 @@ class VerifyReport:
     entries: int
     head_chain_hash: Hash
     signatures_checked: int
+    checkpoints_checked: int = 0
+    covered_size: int = 0
+    """Entries covered by the latest verified checkpoint."""
+    pending: int = 0
+    """Unsigned entries after the latest checkpoint (only with ``allow_pending``)."""
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    """A signed checkpoint to check against the entries: stored ones, or one saved earlier."""
+
+    note: str
+    source: str = "stored"
+    size: int | None = None
+    """The size the store filed it under, when it comes from the store (must match the note)."""
+
+
+def verify_checkpoint_note(record: CheckpointRecord, keys: KeyRing) -> Checkpoint:
+    """The checkpoint a note carries, once its signature verifies under a key of the ring."""
+    seq_hint = max((record.size or 1) - 1, 0)
+    try:
+        checkpoint = Checkpoint.from_text(parse_note(record.note)[0])
+        verify_checkpoint(record.note, keys.keys_named(checkpoint.origin), origin=checkpoint.origin)
+    except NoteError as exc:
+        raise VerificationError(seq_hint, "bad_checkpoint", f"{record.source} checkpoint: {exc}") from None
+    if record.size is not None and checkpoint.size != record.size:
+        raise VerificationError(
+            seq_hint, "bad_checkpoint", f"{record.source} checkpoint filed at size {record.size} says {checkpoint.size}"
+        )
+    return checkpoint
 
 
 def verify_entries(
@@ -67,45 +105,81 @@ def verify_entries(
     *,
     progress: Callable[[int], None] | None = None,
     workers: int | None = None,
+    checkpoints: Sequence[CheckpointRecord] = (),
+    allow_pending: bool = False,
 ) -> VerifyReport:
-    """Check every entry; return a report or raise ``VerificationError`` for the first bad seq."""
+    """Check every entry and checkpoint; return a report or raise ``VerificationError``.
+
+    Each entry must be authenticated: by its own signature, or (in checkpoint
+    signing mode) by a verified checkpoint whose tree covers it. The Merkle tree is
+    recomputed from the leaf hashes and compared with every checkpoint at its
+    size; a checkpoint larger than the ledger means its tail was cut off.
+    """
     workers = workers or os.cpu_count() or 1
+    verified = sorted((verify_checkpoint_note(r, keys) for r in checkpoints), key=lambda c: c.size)
+    covered = verified[-1].size if verified else 0
+    due = iter(verified)
+    next_checkpoint = next(due, None)
+    tree = TreeBuilder()
     expected = 0
     previous: Hash = CHAIN_ROOT
     chunk: list[tuple[int, VerifierKey, bytes, bytes]] = []
-    pending: list[Future[VerificationError | None]] = []
+    futures: list[Future[VerificationError | None]] = []
     structural: VerificationError | None = None
-    signatures = 0
+    signatures = pending = 0
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ccos-verify") as pool:
         for entry in entries:
             try:
                 previous = _check_entry(entry, expected, previous)
-                if entry.signature is None:
-                    raise VerificationError(entry.seq, "missing_signature", "the entry has no signature")
-                key = keys.key_for(entry.key_id, entry.seq)
-                chunk.append((entry.seq, key, entry.signature, entry_signed_message(entry.chain_hash)))
-                signatures += 1
+                tree.append(entry.leaf_hash)
+                while next_checkpoint is not None and next_checkpoint.size == tree.size:
+                    _check_root(next_checkpoint, tree.root())
+                    next_checkpoint = next(due, None)
+                if entry.signature is not None:
+                    key = keys.key_for(entry.key_id, entry.seq)
+                    chunk.append((entry.seq, key, entry.signature, entry_signed_message(entry.chain_hash)))
+                    signatures += 1
+                elif entry.seq >= covered:
+                    if not allow_pending:
+                        raise VerificationError(
+                            entry.seq, "unauthenticated",
+                            f"no signature, and no checkpoint covers it (latest covers {covered} entries)",
+                        )
+                    pending += 1
             except VerificationError as error:
                 structural = error
                 break
             expected += 1
             if len(chunk) >= _SIGNATURE_CHUNK:
-                pending.append(pool.submit(_verify_signatures, chunk))
+                futures.append(pool.submit(_verify_signatures, chunk))
                 chunk = []
                 if progress is not None:
                     progress(_SIGNATURE_CHUNK)
         if chunk:
-            pending.append(pool.submit(_verify_signatures, chunk))
-        for future in pending:
+            futures.append(pool.submit(_verify_signatures, chunk))
+        for future in futures:
             bad_signature = future.result()
             if bad_signature is not None and (structural is None or bad_signature.seq < structural.seq):
                 structural = bad_signature
                 break
+    if structural is None and next_checkpoint is not None:
+        structural = VerificationError(
+            expected, "truncated",
+            f"a checkpoint covers {next_checkpoint.size} entries but the ledger ends at seq {expected - 1}",
+        )
     if structural is not None:
         raise structural
     if progress is not None:
         progress(expected % _SIGNATURE_CHUNK)
-    return VerifyReport(expected, previous, signatures)
+    return VerifyReport(expected, previous, signatures, len(verified), covered, pending)
+
+
+def _check_root(checkpoint: Checkpoint, root: Hash) -> None:
+    if root != checkpoint.root_hash:
+        raise VerificationError(
+            checkpoint.size - 1, "checkpoint_mismatch",
+            f"the checkpoint at size {checkpoint.size} signs a tree root the entries do not produce",
+        )
 
 
 def _check_entry(entry: StoredEntry, expected: int, previous: Hash) -> Hash:

@@ -27,9 +27,11 @@ import structlog
 from ccos_obsd.actions import ValidatedAction, content_of_entry
 from ccos_obsd.errors import Conflict, Internal, InvalidAction, RequestError, Unavailable
 from ccos_obsd.ledger.canonical import NotCanonicalizable, canonical_bytes
-from ccos_obsd.ledger.hashing import Hash, chain_hash, entry_signed_message, leaf_hash
+from ccos_obsd.ledger.hashing import HASH_SIZE, Hash, chain_hash, entry_signed_message, leaf_hash
 from ccos_obsd.ledger.keys import SigningKey
-from ccos_obsd.ledger.store import ENTRY_FORMAT_VERSION, Head, connect, read_head
+from ccos_obsd.ledger.merkle import TileAppend, TileId, TreeBuilder, tile_appends
+from ccos_obsd.ledger.note import Checkpoint, sign_checkpoint
+from ccos_obsd.ledger.store import ENTRY_FORMAT_VERSION, Head, connect, hash_reader, latest_checkpoint, read_head
 
 log = structlog.get_logger("ccos_obsd.ledger")
 
@@ -121,6 +123,8 @@ class LedgerWriter:
         *,
         max_group: int = 4096,
         on_commit: CommitListener | None = None,
+        signing_mode: str = "entry",
+        checkpoint_interval_s: float = 1.0,
     ) -> None:
         self._conn = connect(db_path, readonly=False)
         self._key = signing_key
@@ -137,6 +141,14 @@ class LedgerWriter:
         self.pending_actions = 0
         """Actions submitted and not yet answered (read and written on the event loop)."""
         self._register_key()
+        self._sign_entries = signing_mode == "entry"
+        self._checkpoint_interval_s = checkpoint_interval_s
+        self._tree = self._open_tree()
+        latest = latest_checkpoint(self._conn)
+        self._checkpointed_size = 0 if latest is None else latest.size
+        self._last_checkpoint_at = float("-inf")
+        self.latest_checkpoint: str | None = None if latest is None else latest.note
+        """The latest signed checkpoint note (read from other threads: one reference, swapped whole)."""
 
     @property
     def head(self) -> Head:
@@ -182,7 +194,8 @@ class LedgerWriter:
         in_flight: _Group | None = None
         stopping = False
         while True:
-            requests = self._take(block=in_flight is None and not stopping)
+            block = in_flight is None and not stopping
+            requests = self._take(block=block, timeout=self._checkpoint_wait() if block else None)
             if requests is None:
                 stopping = True
                 requests = []
@@ -193,15 +206,24 @@ class LedgerWriter:
                     self._fail(prepared, Unavailable("an earlier commit failed; the action was not appended"))
                     prepared = None
             in_flight = prepared
+            if in_flight is None and (stopping or self._checkpoint_wait() == 0.0):
+                self._write_checkpoint()
             if stopping and in_flight is None:
                 return
 
-    def _take(self, *, block: bool) -> list[_Request] | None:
+    def _checkpoint_wait(self) -> float | None:
+        """Seconds until the pending checkpoint is due (0: now); None when none is pending."""
+        if self._tree.size <= self._checkpointed_size:
+            return None
+        due = self._last_checkpoint_at + self._checkpoint_interval_s
+        return max(0.0, due - time.monotonic())
+
+    def _take(self, *, block: bool, timeout: float | None = None) -> list[_Request] | None:
         """Up to ``max_group`` actions' worth of requests; None once close() was called."""
         requests: list[_Request] = []
         count = 0
         try:
-            item = self._queue.get() if block else self._queue.get_nowait()
+            item = self._queue.get(timeout=timeout) if block else self._queue.get_nowait()
         except queue.Empty:
             return requests
         while True:
@@ -268,7 +290,7 @@ class LedgerWriter:
         head_after = Head(next_seq, previous)
         self._prepared_head = head_after
         group = _Group(requests, outcomes, new_entries, head_after, now_ms)
-        if new_entries:
+        if new_entries and self._sign_entries:
             group.signing = self._start_signing(new_entries)
         return group
 
@@ -306,13 +328,17 @@ class LedgerWriter:
                 if group.signing is not None:
                     group.signing.result()
                 try:
-                    self._insert(group.new_entries)
+                    nodes = self._tree.extend(n.leaf for n in group.new_entries)
+                    checkpoint = self._sign_checkpoint() if self._checkpoint_wait() == 0.0 else None
+                    self._insert(group.new_entries, tile_appends(nodes, skip_leaf_tiles=True), checkpoint)
                 except sqlite3.Error as exc:
                     self._rollback()
                     log.error("ledger_write_failed", error=str(exc), entries=len(group.new_entries))
                     self._fail(group, Unavailable(f"ledger write failed ({exc}); the action was not appended"))
                     self._resync_head()
                     return False
+                if checkpoint is not None:
+                    self._checkpoint_written(checkpoint)
                 commit_seconds = time.perf_counter() - started
                 self._head = group.head_after
                 for new in group.new_entries:
@@ -356,7 +382,13 @@ class LedgerWriter:
             if not request.future.done():
                 request.future.set_result(result)
 
-    def _insert(self, new_entries: list[_NewEntry]) -> None:
+    def _insert(
+        self,
+        new_entries: list[_NewEntry],
+        tiles: dict[TileId, TileAppend],
+        checkpoint: tuple[int, Hash, str] | None,
+    ) -> None:
+        """One transaction: the entries, the tree tiles they complete, and maybe a checkpoint."""
         key_id = self._key.key_id
         rows = []
         for new in new_entries:
@@ -366,14 +398,80 @@ class LedgerWriter:
                 f.get("parent_action_id"), f.get("session_id"), f.get("plan_id"), f.get("intent_id"),
                 f.get("function_name"), f.get("cost"), f.get("timestamp_ms", f["recorded_at_ms"]),
             ))
-        self._conn.execute("BEGIN IMMEDIATE")
-        self._conn.executemany(
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany(
             "INSERT INTO entries (seq, action_id, entry, leaf_hash, chain_hash, key_id, signature,"
             " action_type, parent_action_id, session_id, plan_id, intent_id,"
             " function_name, cost, time_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             rows,
         )
-        self._conn.execute("COMMIT")
+        self._write_tiles(tiles)
+        if checkpoint is not None:
+            self._insert_checkpoint(checkpoint)
+        conn.execute("COMMIT")
+
+    def _write_tiles(self, tiles: dict[TileId, TileAppend]) -> None:
+        for tile, append in tiles.items():
+            row = self._conn.execute(
+                "SELECT data FROM tiles WHERE level = ? AND idx = ?", (tile.level, tile.index)
+            ).fetchone()
+            kept = b"" if row is None else bytes(row[0])[: append.offset * HASH_SIZE]
+            self._conn.execute(
+                "INSERT OR REPLACE INTO tiles (level, idx, data) VALUES (?, ?, ?)",
+                (tile.level, tile.index, kept + append.hashes),
+            )
+
+    # --- Merkle tree and checkpoints
+
+    def _open_tree(self) -> TreeBuilder:
+        """Resume the tree from its stored tiles, or rebuild them (a ledger from before tiles)."""
+        size = self._head.size
+        try:
+            return TreeBuilder.from_reader(size, hash_reader(self._conn))
+        except ValueError:
+            log.warning("merkle_tree_rebuilding", entries=size)
+        tree = TreeBuilder()
+        nodes = tree.extend(bytes(row[0]) for row in self._conn.execute("SELECT leaf_hash FROM entries ORDER BY seq"))
+        with self._conn:
+            self._conn.execute("BEGIN IMMEDIATE")
+            self._conn.execute("DELETE FROM tiles")
+            self._write_tiles(tile_appends(nodes, skip_leaf_tiles=True))
+        log.info("merkle_tree_rebuilt", entries=size)
+        return tree
+
+    def _sign_checkpoint(self) -> tuple[int, Hash, str]:
+        size, root = self._tree.size, self._tree.root()
+        note = sign_checkpoint(Checkpoint(self._key.verifier.name, size, root), self._key)
+        return size, root, note
+
+    def _insert_checkpoint(self, checkpoint: tuple[int, Hash, str]) -> None:
+        size, root, note = checkpoint
+        self._conn.execute(
+            "INSERT OR REPLACE INTO checkpoints (size, root_hash, note, key_id, created_at_ms) VALUES (?, ?, ?, ?, ?)",
+            (size, root, note, self._key.key_id, int(time.time() * 1000)),
+        )
+
+    def _checkpoint_written(self, checkpoint: tuple[int, Hash, str]) -> None:
+        self._checkpointed_size = checkpoint[0]
+        self._last_checkpoint_at = time.monotonic()
+        self.latest_checkpoint = checkpoint[2]
+
+    def _write_checkpoint(self) -> None:
+        """A checkpoint on its own (the interval ran out after the last commit, or shutdown)."""
+        if self._tree.size <= self._checkpointed_size or self._tree.size != self._head.size:
+            return
+        checkpoint = self._sign_checkpoint()
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+            self._insert_checkpoint(checkpoint)
+            self._conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback()
+            log.error("checkpoint_write_failed", error=str(exc), size=checkpoint[0])
+            self._last_checkpoint_at = time.monotonic()  # retry after another interval
+            return
+        self._checkpoint_written(checkpoint)
 
     def _resync_head(self) -> None:
         """After a failed commit, take the head from the database, not from memory.
@@ -392,6 +490,10 @@ class LedgerWriter:
         self._head = head
         if not self._uncommitted:
             self._prepared_head = head
+        try:
+            self._tree = self._open_tree()
+        except sqlite3.Error as exc:
+            log.error("merkle_tree_unreadable", error=str(exc))
 
     def _rollback(self) -> None:
         try:
