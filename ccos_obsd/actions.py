@@ -37,6 +37,10 @@ ACTION_TYPES = frozenset(
 )
 """The CCOS ActionType names (causal chain sources and SEP-003)."""
 
+KEY_ROTATED = "KeyRotated"
+"""Written by the daemon itself when it changes signing keys; clients cannot send it."""
+RESERVED_TYPES = frozenset({KEY_ROTATED})
+
 CUSTOM_TYPE_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_.:-]{0,127}")
 MAX_ID_LENGTH = 512
 MAX_TIMESTAMP_MS = 2**63 - 1
@@ -214,6 +218,8 @@ def _action_type(value: Any, allow_custom_types: bool) -> str:
         raise InvalidAction(f"action_type must be a string, not {_json_type(value)}", field="action_type")
     if value in ACTION_TYPES:
         return value
+    if value in RESERVED_TYPES:
+        raise InvalidAction(f"action_type {value!r} is reserved for the daemon", field="action_type")
     if allow_custom_types and CUSTOM_TYPE_PATTERN.fullmatch(value):
         return value
     hint = "" if allow_custom_types else " (custom types are off: actions.allow_custom_types)"

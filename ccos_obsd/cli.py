@@ -118,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
                                description="Print each key of the key ring as a signed-note verifier key, "
                                "one per line; --verbose adds the seq range each key signed.")
     _config_args(keys)
+    _socket_arg(keys)
+    keys.add_argument("action", nargs="?", choices=("list", "rotate"), default="list",
+                      help="list (default): print the key ring; rotate: make a new signing key for new "
+                      "entries (through the running daemon, or on a stopped state dir with --state-dir); "
+                      "the rotation is itself an entry on the ledger")
     keys.add_argument("--verbose", "-v", action="store_true", help="also print each key's seq range")
     keys.set_defaults(func=cmd_keys)
 
@@ -319,6 +324,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
+    if args.action == "rotate":
+        return _rotate_key(args)
     conn = _open_ledger(args)
     try:
         for key, first, last in store.read_keys(conn):
@@ -330,6 +337,48 @@ def cmd_keys(args: argparse.Namespace) -> int:
     finally:
         conn.close()
     return EXIT_OK
+
+
+def _rotate_key(args: argparse.Namespace) -> int:
+    if args.state_dir is not None and args.socket is None:
+        answer = _rotate_offline(_load(args))
+    else:
+        with _connect(args) as client:
+            answer = client.request({"op": "rotate_key"})
+        if not answer.get("ok"):
+            raise UsageError(RemoteError.from_answer(answer).message)
+    print(f"rotated at seq {answer['seq']}; new key: {answer['vkey']}")
+    return EXIT_OK
+
+
+def _rotate_offline(config: Config) -> dict[str, Any]:
+    """Rotate on a stopped daemon's state dir, through the same writer code path."""
+    from ccos_obsd.daemon import key_path, state_dir_lock
+    from ccos_obsd.ledger.keys import load_or_create_signing_key
+    from ccos_obsd.ledger.writer import AppendResult, LedgerWriter
+
+    if not store.ledger_path(config.state_dir).exists():
+        raise UsageError(f"no ledger in {config.state_dir}")
+
+    async def rotate() -> dict[str, Any]:
+        path = key_path(config.state_dir)
+        key, _ = load_or_create_signing_key(path, config.signing.key_name or "ccos-obsd")
+        writer = LedgerWriter(
+            store.ledger_path(config.state_dir), key, asyncio.get_running_loop(),
+            signing_mode=config.signing.mode, key_path=path,
+        )
+        writer.start()
+        try:
+            outcome = await writer.rotate_key(None)
+        finally:
+            await asyncio.get_running_loop().run_in_executor(None, writer.close)
+        if not isinstance(outcome, AppendResult):
+            raise UsageError(outcome.message)
+        return {**outcome.to_wire(), "vkey": writer.key.verifier.vkey()}
+
+    os.umask(0o077)
+    with state_dir_lock(config.state_dir):
+        return asyncio.run(rotate())
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

@@ -124,6 +124,7 @@ class Daemon:
                 on_commit=self._on_commit,
                 signing_mode=config.signing.mode,
                 checkpoint_interval_s=config.checkpoint.interval_s,
+                key_path=key_path(config.state_dir),
             )
             self._restore_aggregates(db)
             writer.start()

@@ -181,6 +181,7 @@ class Dispatcher:
             "logs": self._op_logs,
             "stats": self._op_stats,
             "checkpoint": self._op_checkpoint,
+            "rotate_key": self._op_rotate_key,
             "prove_inclusion": self._op_prove_inclusion,
             "prove_consistency": self._op_prove_consistency,
         }
@@ -323,6 +324,20 @@ class Dispatcher:
             return future
 
         return _Pending("", None, False, later=answer)
+
+    def _op_rotate_key(self, request: dict[str, Any], ctx: _Context) -> _Pending:
+        """A new signing key from the next entry on; answers the KeyRotated entry and the new vkey."""
+        _only(request, set())
+        if not self.accepting_writes:
+            raise Unavailable("the daemon is shutting down")
+        writer = self._writer
+
+        def answer(outcome: AppendOutcome) -> Answer:
+            if not isinstance(outcome, AppendResult):
+                return error_answer(outcome)
+            return {**outcome.to_wire(), "vkey": writer.key.verifier.vkey()}
+
+        return _Pending("", None, False, future=writer.rotate_key(ctx.peer), transform=answer)
 
     def _op_checkpoint(self, request: dict[str, Any], ctx: _Context) -> _Pending:
         _only(request, set())

@@ -42,7 +42,7 @@ Time
 
 Meta
     ``action_id``, ``action_type``, ``content_hash``, ``seq``, ``key_id``,
-    ``leaf_hash`` (hex), ``signature`` (base64, when the entry is signed) and, when
+    ``signature`` (base64, when the entry is signed) and, when
     present, ``parent_action_id``, ``plan_id``, ``intent_id``, ``step_id``,
     ``session_id``, ``provider``, ``attestation_hash`` (``metadata.attestation_hash``,
     else ``provenance.attestation_hash``, else CCOS's ``metadata.signature``) and
@@ -85,8 +85,9 @@ class WmDerivationError(ObsdError):
 class WmEntry:
     """One Working Memory entry: a searchable summary of one ledger entry.
 
-    ``meta`` is read-only at the top level; ``seq`` (an integer) is required in it
-    by the store, which orders entries by ``(timestamp_s, seq)``.
+    Tags are distinct, non-empty and lower case. ``meta`` is read-only at the top
+    level and must hold an integer ``seq``: the store orders entries by
+    ``(timestamp_s, seq)``.
     """
 
     id: str
@@ -101,6 +102,8 @@ class WmEntry:
         for tag in self.tags:
             if not tag or tag != tag.lower():
                 raise ValueError(f"Working Memory tags are non-empty and lower case, not {tag!r}")
+        if len(set(self.tags)) != len(self.tags):
+            raise ValueError("Working Memory tags must not repeat")
         seq = self.meta.get("seq")
         if isinstance(seq, bool) or not isinstance(seq, int):
             raise ValueError("Working Memory entry meta must hold an integer seq")
@@ -187,7 +190,6 @@ def derive_wm_entry(entry: StoredEntry) -> WmEntry:
         "content_hash": digest,
         "seq": entry.seq,
         "key_id": str(entry.key_id),
-        "leaf_hash": entry.leaf_hash.hex(),
     }
     if entry.signature is not None:
         meta["signature"] = base64.b64encode(entry.signature).decode("ascii")

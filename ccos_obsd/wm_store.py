@@ -1,33 +1,38 @@
 """The Working Memory store: derived entries in their own SQLite file, searchable.
 
-Layout (``wm.db`` under the state dir, WAL mode):
+Layout (``wm.db`` under the state dir, WAL mode, 8 KiB pages):
 
 - ``wm_entries``: one row per entry. ``record`` holds the entry's canonical JSON
   (what searches return and what the digest covers); the other columns index it.
-  ``doc`` is the full-text document id; it only grows while entries are added.
-- ``wm_fts``: a contentless FTS5 table over title, content and tags (the text
-  lives once, in ``record``; triggers keep the index in step on insert and
-  delete).
-- ``wm_tags``: one row per (tag, entry), keyed ``(tag, timestamp_s, seq, doc)`` so a
-  tag filter reads its newest entries straight off the index.
+  ``doc`` is the full-text document id; it grows with every entry added.
+- ``wm_fts``: a contentless FTS5 table over title, content and tags (the text is
+  stored once, in ``record``). A contentless table forgets a document only when
+  given its exact original text, which eviction reads back from the record.
+- ``wm_tags``: one row per (tag, entry), keyed ``(tag, timestamp_s, seq, doc)`` so
+  a tag filter reads its newest entries straight off the key. The three tags
+  every derived entry carries (``wm.BASE_TAGS``) are bits of
+  ``wm_entries.base_tags`` instead: three million rows that say nothing per
+  million entries would double the tag index and its write cost.
 - ``wm_stats``: the entry count, the token total and the digest sum, updated in
   the same transaction as every change, so ``count()``, ``digest()`` and the
   budget check never scan.
+
+Only this class writes the file: the tables must change together.
 
 Ingest is idempotent: an entry whose id is already stored is skipped (the first
 delivery wins; within one ledger an id names one entry, so this only matters
 when entries from different ledgers meet).
 
 Digest: each entry's hash is SHA-256 of its canonical record; the store keeps
-their sum modulo 2^256 (a multiset hash, independent of insertion order and
+their sum modulo 2^256 (a multiset hash: independent of insertion order and
 batching; eviction subtracts). ``digest()`` is SHA-256 over a domain tag, the
-entry count and that sum. It detects drift between two stores; it is not a
-security commitment (the ledger's signatures are).
+entry count and that sum. It tells whether two stores hold the same entries;
+it is not a security commitment (the ledger's signatures are).
 
 Search order is newest first: ``timestamp_s`` descending, then ``seq``, then
 ``doc``. Each query reads one index in that order and stops at ``limit``: the
-plan, intent or session index when one is given, else the full-text index (see
-:meth:`WmStore._text_docs`), else the tag index, else the time index.
+plan, intent or session index when one of those is given, else the full-text
+index (see :meth:`WmStore._text_docs`), else the tag index, else the time index.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ from typing import Any
 
 from ccos_obsd.errors import InvalidRequest, ObsdError
 from ccos_obsd.ledger.store import checked_string
-from ccos_obsd.wm import WmEntry
+from ccos_obsd.wm import BASE_TAGS, WmEntry
 
 WM_FILE = "wm.db"
 FORMAT_VERSION = 1
@@ -55,6 +60,10 @@ DEFAULT_SEARCH_LIMIT = 50
 MAX_SEARCH_LIMIT = 10_000
 MAX_QUERY_TAGS = 64
 MAX_QUERY_WORDS = 64
+PAGE_SIZE = 8192
+"""Rows are about 1 KiB: 8 KiB pages waste less of each page than 4 KiB ones."""
+
+_BASE_TAG_BITS = {tag: 1 << bit for bit, tag in enumerate(BASE_TAGS)}
 _DIGEST_MODULUS = 1 << 256
 _DIGEST_CONTEXT = b"ccos-obsd/wm-digest/v1\x00"
 _STREAM_CHUNK = 256
@@ -71,9 +80,9 @@ _SCHEMA = (
         digest_sum BLOB NOT NULL
     ) STRICT""",
     "INSERT OR IGNORE INTO wm_stats (singleton, entries, tokens, digest_sum) VALUES (0, 0, 0, zeroblob(32))",
-    # ts_bound: the largest timestamp_s of this row and every row with a smaller doc
-    # (when it was inserted). It never decreases with doc, which lets a full-text
-    # search walk docs newest-inserted first and stop early (WmStore._text_docs).
+    # ts_bound: the largest timestamp_s of this row and of every row with a smaller
+    # doc (when it was added). It never decreases with doc, which lets a full-text
+    # search walk docs from the newest added and stop early (WmStore._text_docs).
     """CREATE TABLE IF NOT EXISTS wm_entries (
         doc           INTEGER PRIMARY KEY,
         id            TEXT NOT NULL UNIQUE,
@@ -83,9 +92,9 @@ _SCHEMA = (
         plan_id       TEXT,
         intent_id     TEXT,
         session_id    TEXT,
+        base_tags     INTEGER NOT NULL,
         approx_tokens INTEGER NOT NULL,
-        record        TEXT NOT NULL,
-        entry_hash    BLOB NOT NULL
+        record        TEXT NOT NULL
     ) STRICT""",
     "CREATE INDEX IF NOT EXISTS wm_by_time ON wm_entries (timestamp_s, seq)",
     "CREATE INDEX IF NOT EXISTS wm_by_plan ON wm_entries (plan_id, timestamp_s, seq) WHERE plan_id IS NOT NULL",
@@ -99,26 +108,15 @@ _SCHEMA = (
         doc         INTEGER NOT NULL,
         PRIMARY KEY (tag, timestamp_s, seq, doc)
     ) STRICT, WITHOUT ROWID""",
-    "CREATE INDEX IF NOT EXISTS wm_tags_by_doc ON wm_tags (doc, tag)",
-    # Contentless: the text is stored once, in wm_entries.record. A contentless
-    # table forgets a row only when told its exact original values, which the
-    # delete trigger reads back from the record.
     """CREATE VIRTUAL TABLE IF NOT EXISTS wm_fts USING fts5(
         title, content, tags, content='', columnsize=0, tokenize='unicode61 remove_diacritics 2'
     )""",
-    """CREATE TRIGGER IF NOT EXISTS wm_entries_added AFTER INSERT ON wm_entries BEGIN
-        INSERT INTO wm_fts (rowid, title, content, tags)
-            VALUES (new.doc, new.record ->> '$.title', new.record ->> '$.content', new.record -> '$.tags');
-        INSERT INTO wm_tags (tag, timestamp_s, seq, doc)
-            SELECT DISTINCT value, new.timestamp_s, new.seq, new.doc FROM json_each(new.record, '$.tags');
-    END""",
-    """CREATE TRIGGER IF NOT EXISTS wm_entries_removed AFTER DELETE ON wm_entries BEGIN
-        INSERT INTO wm_fts (wm_fts, rowid, title, content, tags)
-            VALUES ('delete', old.doc, old.record ->> '$.title', old.record ->> '$.content', old.record -> '$.tags');
-        DELETE FROM wm_tags WHERE doc = old.doc;
-    END""",
 )
 _TABLES = ("wm_entries", "wm_tags", "wm_fts", "wm_stats")
+_INSERT_ENTRY = (
+    "INSERT INTO wm_entries (doc, id, seq, timestamp_s, ts_bound, plan_id, intent_id, session_id, base_tags,"
+    " approx_tokens, record) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
 
 
 def wm_path(state_dir: Path) -> Path:
@@ -164,13 +162,15 @@ class WmStore:
     def __init__(self, path: Path | str, *, durable: bool = True) -> None:
         """Open (creating if needed) a read-write store at ``path``.
 
-        ``durable=False`` relaxes fsync to SQLite's ``synchronous=NORMAL`` (a power
-        loss may drop the last commits, which a replay restores).
+        ``durable=False`` relaxes fsync to SQLite's ``synchronous=NORMAL``: a power
+        loss may then drop the last commits, which a replay restores (if the sink's
+        cursor lives elsewhere, keep the default).
         """
         self.path = Path(path)
         self.readonly = False
         conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         try:
+            conn.execute(f"PRAGMA page_size={PAGE_SIZE}")  # only takes effect on a new file
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
             _tune(conn)
@@ -237,33 +237,46 @@ class WmStore:
                     (json.dumps(list(batch)),),
                 )
             }
-            bound_row = conn.execute("SELECT ts_bound FROM wm_entries ORDER BY doc DESC LIMIT 1").fetchone()
-            bound = -math.inf if bound_row is None else float(bound_row[0])
-            rows = []
+            last = conn.execute("SELECT doc, ts_bound FROM wm_entries ORDER BY doc DESC LIMIT 1").fetchone()
+            doc, bound = (0, -math.inf) if last is None else (int(last[0]), float(last[1]))
+            entry_rows = []
+            text_rows = []
+            tag_rows = []
             added_sum = 0
             added_tokens = 0
             for entry in batch.values():
                 if entry.id in known:
                     continue
+                doc += 1
                 record = entry.canonical_bytes()
-                entry_hash = hashlib.sha256(record).digest()
                 bound = max(bound, entry.timestamp_s)
-                rows.append((
-                    entry.id, entry.seq, entry.timestamp_s, bound, entry.plan_id, entry.intent_id,
-                    entry.session_id, entry.approx_tokens, record.decode("utf-8"), entry_hash,
+                base_tags = 0
+                for tag in entry.tags:
+                    bit = _BASE_TAG_BITS.get(tag)
+                    if bit is None:
+                        tag_rows.append((tag, entry.timestamp_s, entry.seq, doc))
+                    else:
+                        base_tags |= bit
+                entry_rows.append((
+                    doc, entry.id, entry.seq, entry.timestamp_s, bound, entry.plan_id, entry.intent_id,
+                    entry.session_id, base_tags, entry.approx_tokens, record.decode("utf-8"),
                 ))
-                added_sum += int.from_bytes(entry_hash, "big")
+                text_rows.append((doc, entry.title, entry.content, " ".join(entry.tags)))
+                added_sum += int.from_bytes(hashlib.sha256(record).digest(), "big")
                 added_tokens += entry.approx_tokens
-            conn.executemany(
-                "INSERT INTO wm_entries (id, seq, timestamp_s, ts_bound, plan_id, intent_id, session_id,"
-                " approx_tokens, record, entry_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                rows,
-            )
-            self._add_stats(conn, len(rows), added_tokens, added_sum)
-        return len(rows)
+            conn.executemany(_INSERT_ENTRY, entry_rows)
+            conn.executemany("INSERT INTO wm_fts (rowid, title, content, tags) VALUES (?, ?, ?, ?)", text_rows)
+            conn.executemany("INSERT INTO wm_tags (tag, timestamp_s, seq, doc) VALUES (?, ?, ?, ?)", tag_rows)
+            self._add_stats(conn, len(entry_rows), added_tokens, added_sum)
+        return len(entry_rows)
 
     def enforce_budgets(self, max_entries: int | None = None, max_tokens: int | None = None) -> int:
-        """Evict the oldest entries (by timestamp_s, then seq) until both budgets hold; return how many."""
+        """Evict the oldest entries (by timestamp_s, then seq) until both budgets hold; return how many.
+
+        ``None`` means no limit. Evicting in this order keeps the newest entries
+        that fit, so a store that enforces budgets after every batch holds the same
+        entries (and digest) as one filled at once and trimmed at the end.
+        """
         for name, budget in (("max_entries", max_entries), ("max_tokens", max_tokens)):
             if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
                 raise ValueError(f"{name} must be a non-negative integer or None")
@@ -274,28 +287,26 @@ class WmStore:
         if not excess_entries and not excess_tokens:
             return 0
         with self._transaction() as conn:
-            evicted: list[tuple[int]] = []
+            victims: list[tuple[int, float, int, str]] = []
             freed_tokens = 0
-            removed_sum = 0
             oldest = conn.execute(
-                "SELECT doc, approx_tokens, entry_hash FROM wm_entries ORDER BY timestamp_s, seq, doc"
+                "SELECT doc, timestamp_s, seq, approx_tokens, record FROM wm_entries ORDER BY timestamp_s, seq, doc"
             )
-            for doc, entry_tokens, entry_hash in oldest:
-                if len(evicted) >= excess_entries and freed_tokens >= excess_tokens:
+            for doc, timestamp_s, seq, entry_tokens, record in _rows(oldest):
+                if len(victims) >= excess_entries and freed_tokens >= excess_tokens:
                     break
-                evicted.append((doc,))
+                victims.append((doc, timestamp_s, seq, record))
                 freed_tokens += entry_tokens
-                removed_sum += int.from_bytes(entry_hash, "big")
             oldest.close()
-            conn.executemany("DELETE FROM wm_entries WHERE doc = ?", evicted)
-            self._add_stats(conn, -len(evicted), -freed_tokens, -removed_sum)
-        return len(evicted)
+            removed_sum = self._delete(conn, victims)
+            self._add_stats(conn, -len(victims), -freed_tokens, -removed_sum)
+        return len(victims)
 
     def clear(self) -> None:
         """Remove every entry (before a rebuild from the ledger)."""
         self._check_writable()
         with self._transaction() as conn:
-            # Dropping is a truncate; deleting row by row would run the triggers a million times.
+            # Dropping truncates; deleting a million rows one by one does not.
             for table in _TABLES:
                 conn.execute(f"DROP TABLE IF EXISTS {table}")
             for statement in _SCHEMA:
@@ -365,28 +376,31 @@ class WmStore:
         return [_Hit(*row) for row in self._conn.execute(sql, (*params, query.limit))]
 
     def _tag_docs(self, query: _Query) -> list[_Hit]:
-        """Each tag's newest entries off the tag index, merged (an entry may carry several tags)."""
-        where = ["tag = ?"]
+        """Each tag's newest entries straight off an index, merged (an entry may carry several tags)."""
+        window = ""
         params: list[Any] = []
         if query.since is not None:
-            where.append("timestamp_s >= ?")
+            window += " AND timestamp_s >= ?"
             params.append(query.since)
         if query.until is not None:
-            where.append("timestamp_s < ?")
+            window += " AND timestamp_s < ?"
             params.append(query.until)
-        sql = (
-            f"SELECT timestamp_s, seq, doc FROM wm_tags WHERE {' AND '.join(where)}"  # noqa: S608 -- constant SQL fragments; values are bound
-            " ORDER BY timestamp_s DESC, seq DESC, doc DESC LIMIT ?"
-        )
-        per_tag = [
-            [_Hit(*row) for row in self._conn.execute(sql, (tag, *params, query.limit))] for tag in query.tags
-        ]
+        order = " ORDER BY timestamp_s DESC, seq DESC, doc DESC LIMIT ?"
+        streams = []
+        mask = _base_tag_mask(query.tags)
+        if mask:
+            sql = f"SELECT timestamp_s, seq, doc FROM wm_entries WHERE (base_tags & ?) != 0{window}{order}"  # noqa: S608 -- constant SQL fragments; values are bound
+            streams.append(self._conn.execute(sql, (mask, *params, query.limit)).fetchall())
+        sql = f"SELECT timestamp_s, seq, doc FROM wm_tags WHERE tag = ?{window}{order}"  # noqa: S608 -- constant SQL fragments; values are bound
+        for tag in query.tags:
+            if tag not in _BASE_TAG_BITS:
+                streams.append(self._conn.execute(sql, (tag, *params, query.limit)).fetchall())
         hits: list[_Hit] = []
         seen: set[int] = set()
-        for hit in heapq.merge(*per_tag, key=lambda hit: hit.key, reverse=True):
-            if hit.doc not in seen:
-                seen.add(hit.doc)
-                hits.append(hit)
+        for row in heapq.merge(*streams, reverse=True):
+            if row[2] not in seen:
+                seen.add(row[2])
+                hits.append(_Hit(*row))
                 if len(hits) == query.limit:
                     break
         return hits
@@ -459,6 +473,24 @@ class WmStore:
         records = {doc: record for doc, record in rows}
         return [json.loads(records[hit.doc]) for hit in hits if hit.doc in records]
 
+    @staticmethod
+    def _delete(conn: sqlite3.Connection, victims: list[tuple[int, float, int, str]]) -> int:
+        """Delete rows (doc, timestamp_s, seq, record) from every table; return the sum of their hashes."""
+        text_rows: list[tuple[str, int, str, str, str]] = []
+        tag_rows: list[tuple[str, float, int, int]] = []
+        removed_sum = 0
+        for doc, timestamp_s, seq, record in victims:
+            fields = json.loads(record)
+            tags = fields["tags"]
+            # The exact text that was indexed, or the contentless index goes wrong.
+            text_rows.append(("delete", doc, fields["title"], fields["content"], " ".join(tags)))
+            tag_rows.extend((tag, timestamp_s, seq, doc) for tag in tags if tag not in _BASE_TAG_BITS)
+            removed_sum += int.from_bytes(hashlib.sha256(record.encode("utf-8")).digest(), "big")
+        conn.executemany("INSERT INTO wm_fts (wm_fts, rowid, title, content, tags) VALUES (?, ?, ?, ?, ?)", text_rows)
+        conn.executemany("DELETE FROM wm_tags WHERE tag = ? AND timestamp_s = ? AND seq = ? AND doc = ?", tag_rows)
+        conn.executemany("DELETE FROM wm_entries WHERE doc = ?", [(victim[0],) for victim in victims])
+        return removed_sum
+
     def _stats(self) -> tuple[int, int, int]:
         entries, tokens, digest_sum = self._conn.execute(
             "SELECT entries, tokens, digest_sum FROM wm_stats WHERE singleton = 0"
@@ -530,15 +562,32 @@ def _entry_filters(query: _Query, *, with_text: bool, with_tags: bool) -> tuple[
         where.append("e.timestamp_s < ?")
         params.append(query.until)
     if with_tags and query.tags:
-        marks = ", ".join("?" * len(query.tags))
-        tag_filter = f"EXISTS (SELECT 1 FROM wm_tags AS t WHERE t.doc = e.doc AND t.tag IN ({marks}))"  # noqa: S608 -- placeholders only
-        where.append(tag_filter)
-        params.extend(query.tags)
+        any_of = []
+        mask = _base_tag_mask(query.tags)
+        if mask:
+            any_of.append("(e.base_tags & ?) != 0")
+            params.append(mask)
+        others = [tag for tag in query.tags if tag not in _BASE_TAG_BITS]
+        if others:
+            marks = ", ".join("?" * len(others))
+            any_of.append(
+                f"EXISTS (SELECT 1 FROM wm_tags AS t WHERE t.tag IN ({marks}) AND t.timestamp_s = e.timestamp_s"  # noqa: S608 -- placeholders only
+                " AND t.seq = e.seq AND t.doc = e.doc)"
+            )
+            params.extend(others)
+        where.append("(" + " OR ".join(any_of) + ")")
     if with_text and query.match is not None:
         # Correlated: a per-row look-up in the text index, never a list of every match.
         where.append("EXISTS (SELECT 1 FROM wm_fts WHERE wm_fts MATCH ? AND wm_fts.rowid = e.doc)")
         params.append(query.match)
     return where, params
+
+
+def _base_tag_mask(tags: Iterable[str]) -> int:
+    mask = 0
+    for tag in tags:
+        mask |= _BASE_TAG_BITS.get(tag, 0)
+    return mask
 
 
 def fts_match_expression(text: str) -> str:

@@ -167,6 +167,19 @@ def load_or_create_signing_key(path: Path, name: str) -> tuple[SigningKey, bool]
     return key, True
 
 
+def replace_signing_key(path: Path, key: SigningKey) -> None:
+    """Atomically put ``key`` in the key file (mode 0600, fsynced, then renamed over it)."""
+    temporary = path.with_name(path.name + ".new")
+    temporary.unlink(missing_ok=True)
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as handle:
+        handle.write(key.skey() + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    _fsync_dir(path.parent)
+
+
 def _load_signing_key(path: Path) -> SigningKey:
     info = path.stat()
     if not stat.S_ISREG(info.st_mode):

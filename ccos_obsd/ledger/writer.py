@@ -24,11 +24,11 @@ from typing import Any
 
 import structlog
 
-from ccos_obsd.actions import ValidatedAction, content_of_entry
+from ccos_obsd.actions import KEY_ROTATED, ValidatedAction, content_of_entry, new_action_id
 from ccos_obsd.errors import Conflict, Internal, InvalidAction, RequestError, Unavailable
 from ccos_obsd.ledger.canonical import NotCanonicalizable, canonical_bytes
 from ccos_obsd.ledger.hashing import HASH_SIZE, Hash, chain_hash, entry_signed_message, leaf_hash
-from ccos_obsd.ledger.keys import SigningKey
+from ccos_obsd.ledger.keys import SigningKey, replace_signing_key
 from ccos_obsd.ledger.merkle import TileAppend, TileId, TreeBuilder, tile_appends
 from ccos_obsd.ledger.note import Checkpoint, sign_checkpoint
 from ccos_obsd.ledger.store import ENTRY_FORMAT_VERSION, Head, connect, hash_reader, latest_checkpoint, read_head
@@ -79,6 +79,17 @@ class _Request:
 
 
 @dataclass(slots=True)
+class _RotateKey:
+    peer: dict[str, int] | None
+    future: asyncio.Future[AppendOutcome]
+
+
+def _set_result(future: asyncio.Future[AppendOutcome], outcome: AppendOutcome) -> None:
+    if not future.done():
+        future.set_result(outcome)
+
+
+@dataclass(slots=True)
 class _NewEntry:
     index: tuple[int, int]
     action: ValidatedAction
@@ -125,13 +136,16 @@ class LedgerWriter:
         on_commit: CommitListener | None = None,
         signing_mode: str = "entry",
         checkpoint_interval_s: float = 1.0,
+        key_path: Path | None = None,
     ) -> None:
         self._conn = connect(db_path, readonly=False)
         self._key = signing_key
         self._loop = loop
         self._max_group = max_group
         self._on_commit = on_commit
-        self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Request | _RotateKey | None] = queue.SimpleQueue()
+        self._key_path = key_path
+        self._rotation: _RotateKey | None = None
         self._head = read_head(self._conn)
         self._prepared_head = self._head
         self._last_recorded_ms = 0
@@ -166,6 +180,19 @@ class LedgerWriter:
         self.pending_actions += len(actions)
         self._queue.put(_Request(actions, peer, future))
         return future
+
+    def rotate_key(self, peer: dict[str, int] | None) -> asyncio.Future[AppendOutcome]:
+        """Switch to a new signing key after every append queued before this call.
+
+        The future resolves to the rotation entry's append result (or an error).
+        """
+        future: asyncio.Future[AppendOutcome] = self._loop.create_future()
+        self._queue.put(_RotateKey(peer, future))
+        return future
+
+    @property
+    def key(self) -> SigningKey:
+        return self._key
 
     def close(self) -> None:
         """Commit what is queued, then stop the thread and close the database."""
@@ -206,6 +233,12 @@ class LedgerWriter:
                     self._fail(prepared, Unavailable("an earlier commit failed; the action was not appended"))
                     prepared = None
             in_flight = prepared
+            if self._rotation is not None:
+                if in_flight is not None:
+                    self._finish(in_flight)
+                    in_flight = None
+                rotation, self._rotation = self._rotation, None
+                self._rotate(rotation)
             if in_flight is None and (stopping or self._checkpoint_wait() == 0.0):
                 self._write_checkpoint()
             if stopping and in_flight is None:
@@ -229,6 +262,9 @@ class LedgerWriter:
         while True:
             if item is None:
                 return None if not requests else self._put_back_stop(requests)
+            if isinstance(item, _RotateKey):
+                self._rotation = item  # handled once everything taken before it is committed
+                return requests
             requests.append(item)
             count += len(item.actions)
             if count >= self._max_group:
@@ -389,6 +425,15 @@ class LedgerWriter:
         checkpoint: tuple[int, Hash, str] | None,
     ) -> None:
         """One transaction: the entries, the tree tiles they complete, and maybe a checkpoint."""
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        self._insert_rows(new_entries)
+        self._write_tiles(tiles)
+        if checkpoint is not None:
+            self._insert_checkpoint(checkpoint)
+        conn.execute("COMMIT")
+
+    def _insert_rows(self, new_entries: list[_NewEntry]) -> None:
         key_id = self._key.key_id
         rows = []
         for new in new_entries:
@@ -398,18 +443,12 @@ class LedgerWriter:
                 f.get("parent_action_id"), f.get("session_id"), f.get("plan_id"), f.get("intent_id"),
                 f.get("function_name"), f.get("cost"), f.get("timestamp_ms", f["recorded_at_ms"]),
             ))
-        conn = self._conn
-        conn.execute("BEGIN IMMEDIATE")
-        conn.executemany(
+        self._conn.executemany(
             "INSERT INTO entries (seq, action_id, entry, leaf_hash, chain_hash, key_id, signature,"
             " action_type, parent_action_id, session_id, plan_id, intent_id,"
             " function_name, cost, time_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             rows,
         )
-        self._write_tiles(tiles)
-        if checkpoint is not None:
-            self._insert_checkpoint(checkpoint)
-        conn.execute("COMMIT")
 
     def _write_tiles(self, tiles: dict[TileId, TileAppend]) -> None:
         for tile, append in tiles.items():
@@ -421,6 +460,77 @@ class LedgerWriter:
                 "INSERT OR REPLACE INTO tiles (level, idx, data) VALUES (?, ?, ?)",
                 (tile.level, tile.index, kept + append.hashes),
             )
+
+    # --- key rotation
+
+    def _rotate(self, rotation: _RotateKey) -> None:
+        """Append a KeyRotated entry signed by the old key; the new key signs from the next seq.
+
+        The new key file is in place (fsynced) before the ledger commit: after a crash
+        at any point, start-up registers whichever key the file holds from the head on,
+        so the key ring's ranges always match the signatures.
+        """
+        outcome: AppendOutcome
+        try:
+            outcome = self._rotate_or_raise(rotation)
+        except (sqlite3.Error, OSError) as exc:
+            self._rollback()
+            log.error("key_rotation_failed", error=str(exc))
+            outcome = Unavailable(f"key rotation failed ({exc})")
+            self._resync_head()
+        except Exception as exc:
+            log.exception("key_rotation_internal_error")
+            self._rollback()
+            outcome = Internal(f"internal error during key rotation: {type(exc).__name__}")
+            self._resync_head()
+        self._loop.call_soon_threadsafe(_set_result, rotation.future, outcome)
+
+    def _rotate_or_raise(self, rotation: _RotateKey) -> AppendOutcome:
+        if self._key_path is None:
+            return Unavailable("this writer has no key file to rotate")
+        old = self._key
+        new = SigningKey.generate(old.verifier.name)
+        replace_signing_key(self._key_path, new)
+        seq = self._head.size
+        now_ms = max(int(time.time() * 1000), self._last_recorded_ms)
+        fields: dict[str, Any] = {
+            "action_type": KEY_ROTATED,
+            "action_id": new_action_id(),
+            "metadata": {"old_key": old.verifier.vkey(), "new_key": new.verifier.vkey()},
+            "v": ENTRY_FORMAT_VERSION,
+            "seq": seq,
+            "recorded_at_ms": now_ms,
+        }
+        if rotation.peer is not None:
+            fields["peer"] = rotation.peer
+        entry = canonical_bytes(fields, keys_checked=True)
+        leaf = leaf_hash(entry)
+        chain = chain_hash(self._head.chain_hash, leaf)
+        new_entry = _NewEntry((0, 0), ValidatedAction(fields, True), fields, entry, leaf, chain, seq)
+        new_entry.signature = old.sign(entry_signed_message(chain)) if self._sign_entries else None
+        started = time.perf_counter()
+        nodes = self._tree.extend([leaf])
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            self._insert_rows([new_entry])
+            self._write_tiles(tile_appends(nodes, skip_leaf_tiles=True))
+            self._conn.execute("UPDATE keys SET last_seq = ? WHERE key_id = ?", (seq, old.key_id))
+            self._conn.execute(
+                "INSERT OR REPLACE INTO keys (key_id, vkey, first_seq, last_seq, added_at_ms)"
+                " VALUES (?, ?, ?, NULL, ?)",
+                (new.key_id, new.verifier.vkey(), seq + 1, now_ms),
+            )
+            self._conn.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+        self._key = new
+        self._head = self._prepared_head = Head(seq + 1, chain)
+        self._last_recorded_ms = now_ms
+        log.warning("signing_key_rotated", seq=seq, old_key=old.verifier.vkey(), new_key=new.verifier.vkey())
+        if self._on_commit is not None:
+            self._on_commit([CommittedEntry(seq, fields, leaf, chain)], time.perf_counter() - started)
+        return AppendResult(seq, fields["action_id"], leaf, chain, False)
 
     # --- Merkle tree and checkpoints
 
