@@ -20,7 +20,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench import ingest, latency, memory
+from bench import ingest, integrity, latency, memory
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LEVELS = ("warning", "info")
@@ -32,7 +32,7 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
               "latency": {"seconds": 4.0, "floor_samples": 300},
               "memory": {"small": 10_000, "large": 50_000}},
 }
-BENCHMARKS = ("ingest", "latency", "memory")
+BENCHMARKS = ("ingest", "latency", "memory", "integrity")
 
 
 def machine() -> dict[str, Any]:
@@ -139,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         if name not in chosen:
             continue
         print(f"running {name} ...", file=sys.stderr, flush=True)
+        if name == "integrity":
+            results[name] = integrity.run(quick=args.quick)
+            continue
         module = {"ingest": ingest, "latency": latency, "memory": memory}[name]
         results[name] = module.run(**sizes[name], levels=levels)
     results["machine"]["loadavg_end"] = os.getloadavg()
@@ -151,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{results['runtime_seconds']:.0f} s; load average {info['loadavg_start'][0]:.2f} -> "
           f"{info['loadavg_end'][0]:.2f}")
     print(results["table_markdown"])
+    if "integrity" in results:
+        print()
+        print(integrity.table(results["integrity"]))
     print(f"results: {args.output}")
     return 0
 
