@@ -280,7 +280,7 @@ def cmd_prove(args: argparse.Namespace) -> int:
 
 
 def _prove_offline(args: argparse.Namespace) -> dict[str, Any]:
-    from ccos_obsd.errors import RequestError
+    from ccos_obsd.errors import RequestError, Unavailable
     from ccos_obsd.ledger import proofs
     from ccos_obsd.protocol import snapshot
 
@@ -290,6 +290,9 @@ def _prove_offline(args: argparse.Namespace) -> dict[str, Any]:
             size2 = args.consistency[1] if len(args.consistency) == 2 else None
             return snapshot(conn, proofs.consistency, args.consistency[0], size2)
         return snapshot(conn, proofs.inclusion, seq=args.seq, action_id=args.action_id)
+    except Unavailable as exc:
+        print(f"ccos-obsd prove: {exc.message}", file=sys.stderr)
+        raise SystemExit(EXIT_PROBLEM) from None
     except RequestError as exc:
         raise UsageError(exc.message) from None
     finally:
@@ -376,6 +379,9 @@ def _rotate_offline(config: Config) -> dict[str, Any]:
             raise UsageError(outcome.message)
         return {**outcome.to_wire(), "vkey": writer.key.verifier.vkey()}
 
+    from ccos_obsd.log import LogRing, configure_logging
+
+    configure_logging("warning", LogRing(16), sys.stderr)  # stdout carries the answer only
     os.umask(0o077)
     with state_dir_lock(config.state_dir):
         return asyncio.run(rotate())

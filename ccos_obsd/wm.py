@@ -107,8 +107,15 @@ class WmEntry:
         seq = self.meta.get("seq")
         if isinstance(seq, bool) or not isinstance(seq, int):
             raise ValueError("Working Memory entry meta must hold an integer seq")
+        # Checked once here, so encoding the record can skip canonical_bytes' key walk.
+        _check_string_keys(self.meta)
         if not isinstance(self.meta, MappingProxyType):
             object.__setattr__(self, "meta", MappingProxyType(dict(self.meta)))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The read-only meta view cannot be pickled; its dict can (for process pools).
+        fields = (self.id, self.title, self.content, self.tags, self.timestamp_s, self.approx_tokens, dict(self.meta))
+        return (WmEntry, fields)
 
     @property
     def seq(self) -> int:
@@ -140,7 +147,7 @@ class WmEntry:
 
     def canonical_bytes(self) -> bytes:
         """Canonical JSON of :meth:`to_record`: what the store keeps and digests."""
-        return canonical_bytes(self.to_record())
+        return canonical_bytes(self.to_record(), keys_checked=True)  # meta's keys: __post_init__
 
 
 def approx_tokens(content: str) -> int:
@@ -273,6 +280,25 @@ def _tags(action_type: str, provider: str | None) -> tuple[str, ...]:
     if provider is not None and provider.strip():
         tags.append(provider.lower())
     return tuple(dict.fromkeys(tags))  # de-duplicated, first occurrence kept
+
+
+def _check_string_keys(meta: Mapping[str, Any]) -> None:
+    """Every object key in ``meta``, at any depth, is a string (canonical JSON has no others)."""
+    # Exact type tests: this runs for every entry, and ABC isinstance checks cost more than the rest.
+    stack: list[Any] = [meta]
+    while stack:
+        item = stack.pop()
+        if type(item) is list or type(item) is tuple:
+            stack.extend(value for value in item if type(value) in _CONTAINERS)
+            continue
+        for key, value in item.items():
+            if type(key) is not str:
+                raise ValueError(f"Working Memory meta keys must be strings, not {key!r}")
+            if type(value) in _CONTAINERS:
+                stack.append(value)
+
+
+_CONTAINERS = frozenset((dict, list, tuple, MappingProxyType))
 
 
 def _object(value: Any) -> Mapping[str, Any]:

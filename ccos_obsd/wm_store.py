@@ -142,18 +142,11 @@ class _Query:
     session_id: str | None
     limit: int
 
-
-@dataclass(frozen=True, slots=True)
-class _Hit:
-    """A candidate search result, ordered newest first by (timestamp_s, seq, doc)."""
-
-    timestamp_s: float
-    seq: int
-    doc: int
-
     @property
-    def key(self) -> tuple[float, int, int]:
-        return (self.timestamp_s, self.seq, self.doc)
+    def id_filters(self) -> list[tuple[str, str]]:
+        """(column, value) of the plan, intent and session filters given."""
+        named = (("plan_id", self.plan_id), ("intent_id", self.intent_id), ("session_id", self.session_id))
+        return [(column, value) for column, value in named if value is not None]
 
 
 class WmStore:
@@ -354,28 +347,27 @@ class WmStore:
         Raises :class:`WmQueryError` for unusable arguments.
         """
         query = _parse_query(text, tags, since, until, plan_id, intent_id, session_id, limit)
-        if query.plan_id is not None or query.intent_id is not None or query.session_id is not None:
-            hits = self._filtered_docs(query)
-        elif query.match is not None:
-            hits = self._text_docs(query)
-        elif query.tags:
-            hits = self._tag_docs(query)
-        else:
-            hits = self._filtered_docs(query)
-        return self._records(hits)
+        with self._snapshot():  # one read transaction: a concurrent eviction cannot split the answer
+            if query.match is not None:
+                docs = self._text_docs(query)
+            elif query.tags and not query.id_filters:
+                docs = self._tag_docs(query)
+            else:
+                docs = self._filtered_docs(query)
+            return self._records(docs)
 
     # --- internals
 
-    def _filtered_docs(self, query: _Query) -> list[_Hit]:
+    def _filtered_docs(self, query: _Query) -> list[int]:
         """Read an index of wm_entries in (timestamp_s, seq) order; SQLite picks the index."""
-        where, params = _entry_filters(query, with_text=True, with_tags=True)
-        sql = "SELECT e.timestamp_s, e.seq, e.doc FROM wm_entries AS e"
+        where, params = _entry_filters(query)
+        sql = "SELECT e.doc FROM wm_entries AS e"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY e.timestamp_s DESC, e.seq DESC, e.doc DESC LIMIT ?"
-        return [_Hit(*row) for row in self._conn.execute(sql, (*params, query.limit))]
+        return [doc for (doc,) in self._conn.execute(sql, (*params, query.limit))]
 
-    def _tag_docs(self, query: _Query) -> list[_Hit]:
+    def _tag_docs(self, query: _Query) -> list[int]:
         """Each tag's newest entries straight off an index, merged (an entry may carry several tags)."""
         window = ""
         params: list[Any] = []
@@ -395,17 +387,17 @@ class WmStore:
         for tag in query.tags:
             if tag not in _BASE_TAG_BITS:
                 streams.append(self._conn.execute(sql, (tag, *params, query.limit)).fetchall())
-        hits: list[_Hit] = []
+        docs: list[int] = []
         seen: set[int] = set()
-        for row in heapq.merge(*streams, reverse=True):
-            if row[2] not in seen:
-                seen.add(row[2])
-                hits.append(_Hit(*row))
-                if len(hits) == query.limit:
+        for _, _, doc in heapq.merge(*streams, reverse=True):
+            if doc not in seen:
+                seen.add(doc)
+                docs.append(doc)
+                if len(docs) == query.limit:
                     break
-        return hits
+        return docs
 
-    def _text_docs(self, query: _Query) -> list[_Hit]:
+    def _text_docs(self, query: _Query) -> list[int]:
         """The newest ``limit`` full-text matches, without sorting every match.
 
         FTS5 yields matches by doc, and docs follow insertion order, not time. The
@@ -414,16 +406,28 @@ class WmStore:
         and of every lower doc) is older than the worst kept hit: nothing further
         can enter. Entries arriving roughly in time order (as a ledger replay
         does) make that a walk of about ``limit`` rows.
+
+        Filters narrow the walk to a doc range first: ``since`` to the docs from
+        the first whose ts_bound reaches it, a plan, intent or session to the docs
+        between its first and last entry.
         """
-        where, params = _entry_filters(query, with_text=False, with_tags=True)
+        where, params = _entry_filters(query)
         where.insert(0, "wm_fts MATCH ?")
         params.insert(0, query.match)
-        if query.since is not None:
-            lowest = self._lowest_doc_bounded_by(query.since)
-            if lowest is None:
-                return []
-            where.append("wm_fts.rowid >= ?")
-            params.append(lowest)
+        low = 0 if query.since is None else self._lowest_doc_bounded_by(query.since)
+        high = None
+        if query.id_filters:
+            terms = " AND ".join(f"{column} = ?" for column, _ in query.id_filters)
+            span_sql = f"SELECT min(doc), max(doc) FROM wm_entries WHERE {terms}"  # noqa: S608 -- constant column names; values are bound
+            first, high = self._conn.execute(span_sql, [value for _, value in query.id_filters]).fetchone()
+            low = None if low is None or first is None else max(low, first)
+        if low is None:
+            return []
+        where.append("wm_fts.rowid >= ?")
+        params.append(low)
+        if high is not None:
+            where.append("wm_fts.rowid <= ?")
+            params.append(high)
         conditions = " AND ".join(where)
         sql = f"""SELECT e.timestamp_s, e.seq, e.doc, e.ts_bound
             FROM wm_fts JOIN wm_entries AS e ON e.doc = wm_fts.rowid
@@ -441,37 +445,35 @@ class WmStore:
                     heapq.heapreplace(best, key)
         finally:
             cursor.close()
-        return [_Hit(*key) for key in sorted(best, reverse=True)]
+        return [doc for _, _, doc in sorted(best, reverse=True)]
 
     def _lowest_doc_bounded_by(self, since: float) -> int | None:
-        """The lowest doc whose ts_bound is >= ``since`` (no lower doc can be that recent)."""
-        row = self._conn.execute("SELECT min(doc), max(doc) FROM wm_entries").fetchone()
-        low, high = row
-        if high is None:
+        """A doc below which no entry is as recent as ``since`` (None: no entry is)."""
+        top = self._conn.execute("SELECT doc, ts_bound FROM wm_entries ORDER BY doc DESC LIMIT 1").fetchone()
+        if top is None or top[1] < since:
             return None
-        probe = "SELECT doc, ts_bound FROM wm_entries WHERE doc >= ? ORDER BY doc LIMIT 1"
-        top = self._conn.execute(probe, (high,)).fetchone()
-        if top[1] < since:
-            return None
-        # ts_bound never decreases with doc: binary search over the doc range.
+        bottom = self._conn.execute("SELECT doc FROM wm_entries ORDER BY doc LIMIT 1").fetchone()
+        # ts_bound never decreases with doc: binary search for the first doc reaching
+        # `since`, probing "the first doc at or after x" (docs have gaps after evictions).
+        probe = "SELECT ts_bound FROM wm_entries WHERE doc >= ? ORDER BY doc LIMIT 1"
+        low, high = int(bottom[0]), int(top[0])
         while low < high:
             middle = (low + high) // 2
-            doc, ts_bound = self._conn.execute(probe, (middle,)).fetchone()
-            if ts_bound >= since:
-                high = doc
+            if self._conn.execute(probe, (middle,)).fetchone()[0] >= since:
+                high = middle
             else:
-                low = doc + 1
-        return int(low)
+                low = middle + 1
+        return low
 
-    def _records(self, hits: list[_Hit]) -> list[dict[str, Any]]:
-        if not hits:
+    def _records(self, docs: list[int]) -> list[dict[str, Any]]:
+        """The records of ``docs``, in that order."""
+        if not docs:
             return []
         rows = self._conn.execute(
-            "SELECT doc, record FROM wm_entries WHERE doc IN (SELECT value FROM json_each(?))",
-            (json.dumps([hit.doc for hit in hits]),),
+            "SELECT doc, record FROM wm_entries WHERE doc IN (SELECT value FROM json_each(?))", (json.dumps(docs),)
         )
-        records = {doc: record for doc, record in rows}
-        return [json.loads(records[hit.doc]) for hit in hits if hit.doc in records]
+        records = dict(rows.fetchall())
+        return [json.loads(records[doc]) for doc in docs]
 
     @staticmethod
     def _delete(conn: sqlite3.Connection, victims: list[tuple[int, float, int, str]]) -> int:
@@ -507,6 +509,14 @@ class WmStore:
     def _check_writable(self) -> None:
         if self.readonly:
             raise WmReadOnlyError(f"Working Memory store {self.path} is open read-only")
+
+    @contextmanager
+    def _snapshot(self) -> Iterator[None]:
+        self._conn.execute("BEGIN")
+        try:
+            yield
+        finally:
+            self._conn.execute("COMMIT")
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -546,22 +556,20 @@ def _rows(cursor: sqlite3.Cursor) -> Iterator[tuple[Any, ...]]:
         yield from chunk
 
 
-def _entry_filters(query: _Query, *, with_text: bool, with_tags: bool) -> tuple[list[str], list[Any]]:
-    """WHERE terms over ``wm_entries AS e`` for the filters a query driver does not cover itself."""
+def _entry_filters(query: _Query) -> tuple[list[str], list[Any]]:
+    """WHERE terms over ``wm_entries AS e`` for the id filters, the time window and the tags."""
     where: list[str] = []
     params: list[Any] = []
-    for column, value in (("plan_id", query.plan_id), ("intent_id", query.intent_id),
-                          ("session_id", query.session_id)):
-        if value is not None:
-            where.append(f"e.{column} = ?")
-            params.append(value)
+    for column, value in query.id_filters:
+        where.append(f"e.{column} = ?")
+        params.append(value)
     if query.since is not None:
         where.append("e.timestamp_s >= ?")
         params.append(query.since)
     if query.until is not None:
         where.append("e.timestamp_s < ?")
         params.append(query.until)
-    if with_tags and query.tags:
+    if query.tags:
         any_of = []
         mask = _base_tag_mask(query.tags)
         if mask:
@@ -576,10 +584,6 @@ def _entry_filters(query: _Query, *, with_text: bool, with_tags: bool) -> tuple[
             )
             params.extend(others)
         where.append("(" + " OR ".join(any_of) + ")")
-    if with_text and query.match is not None:
-        # Correlated: a per-row look-up in the text index, never a list of every match.
-        where.append("EXISTS (SELECT 1 FROM wm_fts WHERE wm_fts MATCH ? AND wm_fts.rowid = e.doc)")
-        params.append(query.match)
     return where, params
 
 

@@ -11,9 +11,16 @@ import base64
 import sqlite3
 from typing import Any
 
-from ccos_obsd.errors import InvalidRequest, NotFound
+from ccos_obsd.errors import InvalidRequest, NotFound, Unavailable
 from ccos_obsd.ledger import store
-from ccos_obsd.ledger.merkle import consistency_proof, inclusion_proof, root_from_reader
+from ccos_obsd.ledger.merkle import (
+    ProofError,
+    consistency_proof,
+    inclusion_proof,
+    root_from_reader,
+    verify_consistency,
+    verify_inclusion,
+)
 from ccos_obsd.ledger.note import build_tlog_proof
 
 
@@ -34,7 +41,12 @@ def inclusion(conn: sqlite3.Connection, *, seq: int | None = None, action_id: st
             f"seq {entry.seq} is not covered by a checkpoint yet (the latest covers {covered} entries); "
             "retry after checkpoint.interval"
         )
-    hashes = inclusion_proof(entry.seq, checkpoint.size, store.hash_reader(conn))
+    try:
+        hashes = inclusion_proof(entry.seq, checkpoint.size, store.hash_reader(conn))
+        # Never hand out a proof that does not verify: damaged tiles must not become bad proofs.
+        verify_inclusion(entry.leaf_hash, entry.seq, checkpoint.size, hashes, checkpoint.root_hash)
+    except (ValueError, ProofError) as exc:
+        raise Unavailable(f"the Merkle tiles are damaged ({exc}); restart the daemon to rebuild them") from None
     text = build_tlog_proof(entry.seq, entry.entry, hashes, checkpoint.note)
     return {"seq": entry.seq, "size": checkpoint.size, "proof": text}
 
@@ -52,12 +64,20 @@ def consistency(conn: sqlite3.Connection, size1: int, size2: int | None = None) 
     if size2 > head:
         raise InvalidRequest(f"size2 {size2} is beyond the ledger's {head} entries", field="size2")
     reader = store.hash_reader(conn)
-    proof = consistency_proof(size1, size2, reader)
+    try:
+        proof = consistency_proof(size1, size2, reader)
+        root1, root2 = root_from_reader(size1, reader), root_from_reader(size2, reader)
+        verify_consistency(size1, size2, proof, root1, root2)
+        for checkpoint in store.read_checkpoints_at(conn, (size1, size2)):
+            if checkpoint.root_hash != (root1 if checkpoint.size == size1 else root2):
+                raise ProofError(f"tree root at size {checkpoint.size} differs from its checkpoint")
+    except (ValueError, ProofError) as exc:
+        raise Unavailable(f"the Merkle tiles are damaged ({exc}); restart the daemon to rebuild them") from None
     return {
         "size1": size1,
         "size2": size2,
-        "root1": _b64(root_from_reader(size1, reader)),
-        "root2": _b64(root_from_reader(size2, reader)),
+        "root1": _b64(root1),
+        "root2": _b64(root2),
         "proof": [_b64(h) for h in proof],
     }
 

@@ -347,6 +347,14 @@ def read_checkpoints(conn: sqlite3.Connection) -> list[StoredCheckpoint]:
     return [StoredCheckpoint(size, Hash(bytes(root)), note, KeyId(key_id), at) for size, root, note, key_id, at in rows]
 
 
+def read_checkpoints_at(conn: sqlite3.Connection, sizes: Sequence[int]) -> list[StoredCheckpoint]:
+    marks = ", ".join("?" for _ in sizes)
+    rows = conn.execute(
+        f"SELECT size, root_hash, note, key_id, created_at_ms FROM checkpoints WHERE size IN ({marks})", tuple(sizes)
+    )
+    return [StoredCheckpoint(size, Hash(bytes(root)), note, KeyId(key_id), at) for size, root, note, key_id, at in rows]
+
+
 def latest_checkpoint(conn: sqlite3.Connection) -> StoredCheckpoint | None:
     row = conn.execute(
         "SELECT size, root_hash, note, key_id, created_at_ms FROM checkpoints ORDER BY size DESC LIMIT 1"

@@ -112,16 +112,16 @@ def verify_entries(
 
     Each entry must be authenticated: by its own signature, or (in checkpoint
     signing mode) by a verified checkpoint whose tree covers it. The Merkle tree is
-    recomputed from the leaf hashes and compared with every checkpoint at its
-    size; a checkpoint larger than the ledger means its tail was cut off.
+    recomputed from the leaf hashes and each checkpoint is checked when the walk
+    reaches its size, so the first damage in seq order is the one reported; a
+    checkpoint larger than the ledger means its tail was cut off.
     """
     workers = workers or os.cpu_count() or 1
-    verified = sorted((verify_checkpoint_note(r, keys) for r in checkpoints), key=lambda c: c.size)
-    covered = verified[-1].size if verified else 0
-    due = iter(verified)
-    next_checkpoint = next(due, None)
+    waiting = sorted(checkpoints, key=_claimed_size)
+    position = 0
     tree = TreeBuilder()
-    expected = 0
+    expected = covered = verified_checkpoints = 0
+    uncovered_from: int | None = None
     previous: Hash = CHAIN_ROOT
     chunk: list[tuple[int, VerifierKey, bytes, bytes]] = []
     futures: list[Future[VerificationError | None]] = []
@@ -131,21 +131,24 @@ def verify_entries(
         for entry in entries:
             try:
                 previous = _check_entry(entry, expected, previous)
-                tree.append(entry.leaf_hash)
-                while next_checkpoint is not None and next_checkpoint.size == tree.size:
-                    _check_root(next_checkpoint, tree.root())
-                    next_checkpoint = next(due, None)
                 if entry.signature is not None:
                     key = keys.key_for(entry.key_id, entry.seq)
                     chunk.append((entry.seq, key, entry.signature, entry_signed_message(entry.chain_hash)))
                     signatures += 1
-                elif entry.seq >= covered:
-                    if not allow_pending:
+                elif uncovered_from is None:
+                    uncovered_from = entry.seq
+                tree.append(entry.leaf_hash)
+                while position < len(waiting) and _claimed_size(waiting[position]) <= tree.size:
+                    checkpoint = verify_checkpoint_note(waiting[position], keys)
+                    position += 1
+                    if checkpoint.size != tree.size:
                         raise VerificationError(
-                            entry.seq, "unauthenticated",
-                            f"no signature, and no checkpoint covers it (latest covers {covered} entries)",
+                            max(checkpoint.size - 1, 0), "bad_checkpoint", "checkpoint size is not a tree size"
                         )
-                    pending += 1
+                    _check_root(checkpoint, tree.root())
+                    covered = checkpoint.size
+                    verified_checkpoints += 1
+                    uncovered_from = None
             except VerificationError as error:
                 structural = error
                 break
@@ -162,16 +165,33 @@ def verify_entries(
             if bad_signature is not None and (structural is None or bad_signature.seq < structural.seq):
                 structural = bad_signature
                 break
-    if structural is None and next_checkpoint is not None:
+    if structural is None and position < len(waiting):
+        beyond = verify_checkpoint_note(waiting[position], keys)
         structural = VerificationError(
-            expected, "truncated",
-            f"a checkpoint covers {next_checkpoint.size} entries but the ledger ends at seq {expected - 1}",
+            expected, "truncated", f"a checkpoint covers {beyond.size} entries but the ledger has {expected}"
         )
+    if structural is None and uncovered_from is not None:
+        if not allow_pending:
+            structural = VerificationError(
+                uncovered_from, "unauthenticated",
+                f"no signature, and no checkpoint covers it (the latest covers {covered} entries)",
+            )
+        pending = expected - uncovered_from
     if structural is not None:
         raise structural
     if progress is not None:
         progress(expected % _SIGNATURE_CHUNK)
-    return VerifyReport(expected, previous, signatures, len(verified), covered, pending)
+    return VerifyReport(expected, previous, signatures, verified_checkpoints, covered, pending)
+
+
+def _claimed_size(record: CheckpointRecord) -> int:
+    """The size a checkpoint claims, read without verifying (verification comes at that size)."""
+    if record.size is not None:
+        return record.size
+    try:
+        return Checkpoint.from_text(parse_note(record.note)[0]).size
+    except NoteError:
+        return 0  # checked (and rejected) first
 
 
 def _check_root(checkpoint: Checkpoint, root: Hash) -> None:

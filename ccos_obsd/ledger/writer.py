@@ -29,7 +29,7 @@ from ccos_obsd.errors import Conflict, Internal, InvalidAction, RequestError, Un
 from ccos_obsd.ledger.canonical import NotCanonicalizable, canonical_bytes
 from ccos_obsd.ledger.hashing import HASH_SIZE, Hash, chain_hash, entry_signed_message, leaf_hash
 from ccos_obsd.ledger.keys import SigningKey, replace_signing_key
-from ccos_obsd.ledger.merkle import TileAppend, TileId, TreeBuilder, tile_appends
+from ccos_obsd.ledger.merkle import TileAppend, TileId, TreeBuilder, root_from_reader, tile_appends
 from ccos_obsd.ledger.note import Checkpoint, sign_checkpoint
 from ccos_obsd.ledger.store import ENTRY_FORMAT_VERSION, Head, connect, hash_reader, latest_checkpoint, read_head
 
@@ -510,10 +510,13 @@ class LedgerWriter:
         new_entry.signature = old.sign(entry_signed_message(chain)) if self._sign_entries else None
         started = time.perf_counter()
         nodes = self._tree.extend([leaf])
+        # The old key's last act: a checkpoint over everything through the rotation entry.
+        checkpoint = self._sign_checkpoint()
         self._conn.execute("BEGIN IMMEDIATE")
         try:
             self._insert_rows([new_entry])
             self._write_tiles(tile_appends(nodes, skip_leaf_tiles=True))
+            self._insert_checkpoint(checkpoint)
             self._conn.execute("UPDATE keys SET last_seq = ? WHERE key_id = ?", (seq, old.key_id))
             self._conn.execute(
                 "INSERT OR REPLACE INTO keys (key_id, vkey, first_seq, last_seq, added_at_ms)"
@@ -526,6 +529,7 @@ class LedgerWriter:
             raise
         self._key = new
         self._head = self._prepared_head = Head(seq + 1, chain)
+        self._checkpoint_written(checkpoint)
         self._last_recorded_ms = now_ms
         log.warning("signing_key_rotated", seq=seq, old_key=old.verifier.vkey(), new_key=new.verifier.vkey())
         if self._on_commit is not None:
@@ -538,9 +542,14 @@ class LedgerWriter:
         """Resume the tree from its stored tiles, or rebuild them (a ledger from before tiles)."""
         size = self._head.size
         try:
-            return TreeBuilder.from_reader(size, hash_reader(self._conn))
+            reader = hash_reader(self._conn)
+            tree = TreeBuilder.from_reader(size, reader)
+            latest = latest_checkpoint(self._conn)
+            if latest is None or latest.size > size or root_from_reader(latest.size, reader) == latest.root_hash:
+                return tree
+            log.warning("merkle_tiles_disagree_with_checkpoint", checkpoint_size=latest.size)
         except ValueError:
-            log.warning("merkle_tree_rebuilding", entries=size)
+            log.warning("merkle_tiles_unreadable", entries=size)
         tree = TreeBuilder()
         nodes = tree.extend(bytes(row[0]) for row in self._conn.execute("SELECT leaf_hash FROM entries ORDER BY seq"))
         with self._conn:
