@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -117,6 +118,24 @@ def verify_entries(
     checkpoint larger than the ledger means its tail was cut off.
     """
     workers = workers or os.cpu_count() or 1
+    # Signature checks release the GIL; a short switch interval lets the checking threads
+    # take it back quickly while this thread walks the entries.
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(min(switch_interval, 0.001))
+    try:
+        return _verify_entries(entries, keys, progress, workers, checkpoints, allow_pending)
+    finally:
+        sys.setswitchinterval(switch_interval)
+
+
+def _verify_entries(
+    entries: Iterable[StoredEntry],
+    keys: KeyRing,
+    progress: Callable[[int], None] | None,
+    workers: int,
+    checkpoints: Sequence[CheckpointRecord],
+    allow_pending: bool,
+) -> VerifyReport:
     waiting = sorted(checkpoints, key=_claimed_size)
     position = 0
     tree = TreeBuilder()
