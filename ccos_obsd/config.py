@@ -8,6 +8,7 @@ key; only the command line turns it into exit code 2.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -77,6 +78,25 @@ class ActionsConfig:
 
 
 @dataclass(frozen=True)
+class WmConfig:
+    enabled: bool
+    max_entries: int
+    max_tokens: int
+
+
+@dataclass(frozen=True)
+class SinkConfig:
+    """One ``[[sinks]]`` table: its type, its name, and the type's options."""
+
+    type: Literal["wm", "jsonl"]
+    name: str
+    batch: int
+    path: Path
+    max_bytes: int = 64 * 2**20
+    keep: int = 5
+
+
+@dataclass(frozen=True)
 class Config:
     state_dir: Path
     socket: SocketConfig
@@ -87,6 +107,8 @@ class Config:
     metrics: MetricsConfig
     log: LogConfig
     actions: ActionsConfig
+    wm: WmConfig
+    sinks: tuple[SinkConfig, ...]
 
 
 # --- the keys: name -> (default, parser). Parsers take a value from TOML or from a
@@ -227,7 +249,14 @@ KEYS: dict[str, tuple[Any, Callable[[Any], Any]]] = {
     "log.level": ("info", _level),
     "log.ring_size": (256, _int_range(1, 1_000_000)),
     "actions.allow_custom_types": (False, _bool),
+    "wm.enabled": (True, _bool),
+    "wm.max_entries": (0, _int_range(0, 2**62)),
+    "wm.max_tokens": (0, _int_range(0, 2**62)),
 }
+
+_SINK_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_SINK_OPTIONS = {"wm": {"type", "name", "batch", "path"},
+                 "jsonl": {"type", "name", "batch", "path", "max_bytes", "keep"}}
 
 
 def env_name(key: str) -> str:
@@ -244,8 +273,11 @@ def load_config(
     environ = os.environ if environ is None else environ
     values: dict[str, Any] = {key: default for key, (default, _) in KEYS.items()}
     raw: dict[str, Any] = {}
+    raw_sinks: list[Any] = []
     if file is not None:
-        raw.update(_read_toml(file))
+        document = _read_toml(file)
+        raw_sinks = document.pop("sinks", [])
+        raw.update(document)
     raw.update(_from_environ(environ))
     raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
     for key, value in raw.items():
@@ -258,7 +290,7 @@ def load_config(
             parsed[key] = KEYS[key][1](value)
         except ValueError as exc:
             raise ConfigError(key, f"{exc} (got {value!r})") from None
-    return _build(parsed)
+    return _build(parsed, raw_sinks)
 
 
 def _read_toml(file: Path) -> dict[str, Any]:
@@ -273,7 +305,9 @@ def _read_toml(file: Path) -> dict[str, Any]:
         raise ConfigError("--config", f"{file} is not valid TOML: {exc}") from None
     flat: dict[str, Any] = {}
     for key, value in document.items():
-        if isinstance(value, dict):
+        if key == "sinks":
+            flat[key] = value
+        elif isinstance(value, dict):
             for sub, subvalue in value.items():
                 flat[f"{key}.{sub}"] = subvalue
         else:
@@ -294,7 +328,47 @@ def _from_environ(environ: Mapping[str, str]) -> dict[str, str]:
     return found
 
 
-def _build(v: dict[str, Any]) -> Config:
+def _sinks(raw: Any, state_dir: Path, wm_enabled: bool) -> tuple[SinkConfig, ...]:
+    if not isinstance(raw, list):
+        raise ConfigError("sinks", "must be an array of tables ([[sinks]])")
+    sinks: list[SinkConfig] = []
+    for i, table in enumerate(raw):
+        where = f"sinks[{i}]"
+        if not isinstance(table, dict):
+            raise ConfigError(where, "must be a table")
+        kind = table.get("type")
+        if kind not in _SINK_OPTIONS:
+            raise ConfigError(f"{where}.type", f"must be one of {', '.join(sorted(_SINK_OPTIONS))} (got {kind!r})")
+        for option in table:
+            if option not in _SINK_OPTIONS[kind]:
+                raise ConfigError(f"{where}.{option}", f"unknown option for a {kind} sink")
+        name = table.get("name", kind)
+        if not isinstance(name, str) or not _SINK_NAME.fullmatch(name):
+            raise ConfigError(f"{where}.name", "must be 1-64 letters, digits, '_' or '-'")
+        if any(s.name == name for s in sinks):
+            raise ConfigError(f"{where}.name", f"another sink is named {name!r}")
+        try:
+            batch = _int_range(1, 100_000)(table.get("batch", 1000))
+            max_bytes = _int_range(4096, 2**40)(table.get("max_bytes", 64 * 2**20))
+            keep = _int_range(0, 1000)(table.get("keep", 5))
+        except ValueError as exc:
+            raise ConfigError(where, str(exc)) from None
+        default_path = state_dir / ("wm.db" if kind == "wm" else f"{name}.jsonl")
+        if kind == "jsonl" and "path" not in table:
+            raise ConfigError(f"{where}.path", "a jsonl sink needs a path")
+        try:
+            path = Path(_path(table.get("path", str(default_path)))).expanduser()
+        except ValueError as exc:
+            raise ConfigError(f"{where}.path", str(exc)) from None
+        if kind == "wm" and not wm_enabled:
+            continue
+        sinks.append(SinkConfig(type=kind, name=name, batch=batch, path=path, max_bytes=max_bytes, keep=keep))
+    if wm_enabled and not any(s.type == "wm" for s in sinks):
+        sinks.insert(0, SinkConfig(type="wm", name="wm", batch=1000, path=state_dir / "wm.db"))
+    return tuple(sinks)
+
+
+def _build(v: dict[str, Any], raw_sinks: Any = ()) -> Config:
     state_dir = Path(v["state_dir"]).expanduser()
     socket_path = Path(v["socket.path"]).expanduser() if v["socket.path"] else state_dir / SOCKET_FILE
     if len(os.fsencode(socket_path)) > _MAX_UNIX_PATH:
@@ -319,6 +393,8 @@ def _build(v: dict[str, Any]) -> Config:
         metrics=MetricsConfig(duration_buckets=v["metrics.duration_buckets"]),
         log=LogConfig(level=v["log.level"], ring_size=v["log.ring_size"]),
         actions=ActionsConfig(allow_custom_types=v["actions.allow_custom_types"]),
+        wm=WmConfig(enabled=v["wm.enabled"], max_entries=v["wm.max_entries"], max_tokens=v["wm.max_tokens"]),
+        sinks=_sinks(list(raw_sinks), state_dir, v["wm.enabled"]),
     )
 
 

@@ -29,21 +29,33 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, ProcessCollector
 
 from ccos_obsd import __version__
-from ccos_obsd.config import Config
+from ccos_obsd.config import Config, SinkConfig
 from ccos_obsd.errors import StartupError
 from ccos_obsd.http import build_app
 from ccos_obsd.ledger import store
 from ccos_obsd.ledger.keys import SigningKey, load_or_create_signing_key
 from ccos_obsd.ledger.writer import CommittedEntry, LedgerWriter
 from ccos_obsd.log import LogRing, action_log, configure_logging, lifecycle_log
-from ccos_obsd.metrics import Aggregates, LedgerCollector, LiveGauges
+from ccos_obsd.metrics import Aggregates, LedgerCollector, LiveGauges, SinkView, WmView
 from ccos_obsd.protocol import ConnectionRegistry, Dispatcher
+from ccos_obsd.sinks.base import Sink, SinkRunner
+from ccos_obsd.sinks.jsonl import JsonlSink
+from ccos_obsd.sinks.wm import WmSink
 
 log = structlog.get_logger("ccos_obsd.daemon")
 
 KEY_FILE = "signing.key"
 LOCK_FILE = "daemon.lock"
 DRAIN_TIMEOUT_S = 10.0
+SINK_CATCH_UP_S = 5.0
+
+
+def make_sink(sink_config: SinkConfig, config: Config) -> Sink:
+    """The sink a ``[[sinks]]`` table describes."""
+    if sink_config.type == "wm":
+        return WmSink(sink_config.name, sink_config.path,
+                      max_entries=config.wm.max_entries, max_tokens=config.wm.max_tokens)
+    return JsonlSink(sink_config.name, sink_config.path, max_bytes=sink_config.max_bytes, keep=sink_config.keep)
 
 
 def key_path(state_dir: Path) -> Path:
@@ -105,6 +117,7 @@ class Daemon:
         self._reader_local = threading.local()
         self._reader_connections: list[Any] = []
         self._reader_lock = threading.Lock()
+        self._runners: list[SinkRunner] = []
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -128,6 +141,7 @@ class Daemon:
             )
             self._restore_aggregates(db)
             writer.start()
+            self._runners = self._start_sinks(db, writer)
             reader_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ccos-read")
             render_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ccos-render")
 
@@ -137,7 +151,9 @@ class Daemon:
             dispatcher = Dispatcher(config, writer, reader_pool, read, self.aggregates, self.log_ring)
             connections = ConnectionRegistry(config, dispatcher, self.gauges)
             registry = CollectorRegistry()
-            registry.register(LedgerCollector(self.aggregates, self.gauges, lambda: writer.pending_actions))
+            registry.register(LedgerCollector(
+                self.aggregates, self.gauges, lambda: writer.pending_actions, self._sink_views, self._wm_view
+            ))
             registry.register(ProcessCollector(registry=None))
             runner: web.AppRunner | None = None
             server: asyncio.AbstractServer | None = None
@@ -175,11 +191,40 @@ class Daemon:
                 if runner is not None:
                     await runner.cleanup()
                 await loop.run_in_executor(None, writer.close)
+                await loop.run_in_executor(None, self._stop_sinks)
                 reader_pool.shutdown()
                 render_pool.shutdown()
                 for conn in self._reader_connections:
                     conn.close()
             lifecycle_log().info("daemon_stopped", entries=writer.head.size)
+
+    # --- sinks
+
+    def _start_sinks(self, db: Path, writer: LedgerWriter) -> list[SinkRunner]:
+        runners = []
+        for sink_config in self.config.sinks:
+            sink = make_sink(sink_config, self.config)
+            runner = SinkRunner(sink, db, lambda: writer.head.size, batch_size=sink_config.batch)
+            runner.start()
+            runners.append(runner)
+        return runners
+
+    def _stop_sinks(self) -> None:
+        for runner in self._runners:
+            runner.stop(catch_up_s=SINK_CATCH_UP_S)
+
+    def _sink_views(self) -> list[SinkView]:
+        views = []
+        for runner in self._runners:
+            _cursor, delivered, errors, durations = runner.stats.snapshot()
+            views.append(SinkView(runner.sink.name, runner.lag, delivered, errors, durations))
+        return views
+
+    def _wm_view(self) -> WmView | None:
+        for runner in self._runners:
+            if isinstance(runner.sink, WmSink):
+                return WmView(runner.sink.size, runner.sink.ingest_durations.copy())
+        return None
 
     # --- start-up
 
@@ -255,6 +300,8 @@ class Daemon:
     def _on_commit(self, entries: Sequence[CommittedEntry], commit_seconds: float) -> None:
         self.aggregates.observe_entries(e.fields for e in entries)
         self.aggregates.observe_commit(commit_seconds)
+        for runner in self._runners:
+            runner.notify()
         actions_log = action_log()
         if not actions_log.enabled:
             return

@@ -233,13 +233,39 @@ class LiveGauges:
     connections_open: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class SinkView:
+    """What /metrics shows of one sink (taken from its runner's in-memory counters)."""
+
+    name: str
+    lag: int
+    delivered: int
+    errors: int
+    durations: Histogram
+
+
+@dataclass(frozen=True, slots=True)
+class WmView:
+    entries: int
+    ingest_durations: Histogram
+
+
 class LedgerCollector(Collector):
     """Yields the ccos_* families from a snapshot of the aggregates; never does I/O."""
 
-    def __init__(self, aggregates: Aggregates, gauges: LiveGauges, pending_appends: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        aggregates: Aggregates,
+        gauges: LiveGauges,
+        pending_appends: Callable[[], int],
+        sinks: Callable[[], list[SinkView]] = list,
+        wm: Callable[[], WmView | None] = lambda: None,
+    ) -> None:
         self._aggregates = aggregates
         self._gauges = gauges
         self._pending_appends = pending_appends
+        self._sinks = sinks
+        self._wm = wm
 
     def collect(self) -> Iterator[Metric]:
         snap = self._aggregates.snapshot()
@@ -279,6 +305,32 @@ class LedgerCollector(Collector):
             "Actions received and waiting for their commit.",
             value=self._pending_appends(),
         )
+        yield from _sink_families(self._sinks(), self._wm())
+
+
+def _sink_families(sinks: list[SinkView], wm: WmView | None) -> Iterator[Metric]:
+    lag = GaugeMetricFamily("ccos_sink_lag_entries", "Committed entries the sink has not confirmed yet.",
+                            labels=["sink"])
+    delivered = CounterMetricFamily("ccos_sink_delivered", "Entries delivered to the sink and confirmed.",
+                                    labels=["sink"])
+    errors = CounterMetricFamily("ccos_sink_errors", "Failed delivery attempts (each is retried).", labels=["sink"])
+    durations = HistogramMetricFamily("ccos_sink_delivery_duration_seconds",
+                                      "Time to deliver one batch to the sink, in seconds.", labels=["sink"])
+    for view in sinks:
+        lag.add_metric([view.name], view.lag)
+        delivered.add_metric([view.name], view.delivered)
+        errors.add_metric([view.name], view.errors)
+        durations.add_metric([view.name], view.durations.buckets(), view.durations.total)
+    yield from (lag, delivered, errors, durations)
+    ingest = HistogramMetricFamily("ccos_wm_ingest_duration_seconds",
+                                   "Time to derive and store one batch of Working Memory entries, in seconds.")
+    if wm is not None:
+        ingest.add_metric([], wm.ingest_durations.buckets(), wm.ingest_durations.total)
+    yield ingest
+    entries = GaugeMetricFamily("ccos_wm_entries", "Entries in the Working Memory store.")
+    if wm is not None:
+        entries.add_metric([], wm.entries)
+    yield entries
 
 
 def _call_families(

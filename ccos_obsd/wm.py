@@ -55,6 +55,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -85,9 +87,10 @@ class WmDerivationError(ObsdError):
 class WmEntry:
     """One Working Memory entry: a searchable summary of one ledger entry.
 
-    Tags are distinct, non-empty and lower case. ``meta`` is read-only at the top
+    Tags are distinct, non-empty and lower case; ``timestamp_s`` is finite and
+    ``approx_tokens`` a non-negative integer. ``meta`` is read-only at the top
     level and must hold an integer ``seq``: the store orders entries by
-    ``(timestamp_s, seq)``.
+    ``(timestamp_s, seq)``. Its keys are strings at every depth.
     """
 
     id: str
@@ -104,6 +107,10 @@ class WmEntry:
                 raise ValueError(f"Working Memory tags are non-empty and lower case, not {tag!r}")
         if len(set(self.tags)) != len(self.tags):
             raise ValueError("Working Memory tags must not repeat")
+        if not math.isfinite(self.timestamp_s):
+            raise ValueError("Working Memory entry timestamp_s must be finite")
+        if isinstance(self.approx_tokens, bool) or not isinstance(self.approx_tokens, int) or self.approx_tokens < 0:
+            raise ValueError("Working Memory entry approx_tokens must be a non-negative integer")
         seq = self.meta.get("seq")
         if isinstance(seq, bool) or not isinstance(seq, int):
             raise ValueError("Working Memory entry meta must hold an integer seq")
@@ -155,11 +162,50 @@ def approx_tokens(content: str) -> int:
     return max(1, len(content) // 4)
 
 
-def content_hash(fields: Mapping[str, Any]) -> str:
-    """SHA-256 hex of the canonical bytes of an entry's action (its fields minus the daemon's)."""
-    action = {key: value for key, value in fields.items() if key not in DAEMON_FIELDS}
-    # Fields parsed from JSON text have string keys by construction.
-    return hashlib.sha256(canonical_bytes(action, keys_checked=True)).hexdigest()
+_DAEMON_MEMBER = re.compile(
+    rb',"(?:' + b"|".join(re.escape(name.encode("ascii")) for name in DAEMON_FIELDS) + rb')":'
+    rb'(?:\d+|\{"[a-z]+":\d+(?:,"[a-z]+":\d+)*\})(?=[,}])'
+)
+"""A daemon member (``,"seq":12``, ``,"peer":{"gid":1,"pid":2,"uid":3}``) of some object in canonical JSON."""
+
+
+def content_hash(fields: Mapping[str, Any], entry_bytes: bytes | None = None) -> str:
+    """SHA-256 hex of the canonical bytes of an entry's action (its fields minus the daemon's).
+
+    ``fields`` is the parsed entry; ``entry_bytes``, when given, the canonical
+    bytes it was parsed from. Then the action's bytes are the stored bytes with
+    the daemon's members cut out, not a new encoding: canonical JSON joins an
+    object's members with commas in key order, so dropping a member and the
+    comma before it (every daemon field sorts after ``action_id``) leaves the
+    canonical bytes of the rest. A ``,"name":`` can only start an object member
+    (quotes inside strings are escaped). When every daemon value has the shape
+    the pattern expects, each top-level daemon member matches it; if it then
+    matches no more often than that, the matches are exactly those members.
+    Otherwise (a nested object holding such a member, say) the action is
+    encoded anew. Both ways give the same bytes.
+    """
+    action_bytes = None
+    if entry_bytes is not None:
+        present = [fields[name] for name in DAEMON_FIELDS if name in fields]
+        if all(map(_matches_daemon_member, present)):  # then every top-level daemon member matches
+            cut, matches = _DAEMON_MEMBER.subn(b"", entry_bytes)
+            if matches == len(present):
+                action_bytes = cut
+    if action_bytes is None:
+        action = {key: value for key, value in fields.items() if key not in DAEMON_FIELDS}
+        # Fields parsed from JSON text have string keys by construction.
+        action_bytes = canonical_bytes(action, keys_checked=True)
+    return hashlib.sha256(action_bytes).hexdigest()
+
+
+def _matches_daemon_member(value: Any) -> bool:
+    """Whether ``value`` is written as ``_DAEMON_MEMBER`` expects: an int >= 0, or {"[a-z]+": int >= 0, ...}."""
+    if type(value) is int:
+        return value >= 0
+    return type(value) is dict and bool(value) and all(
+        type(key) is str and key.isascii() and key.isalpha() and key.islower() and type(number) is int and number >= 0
+        for key, number in value.items()
+    )
 
 
 def derive_wm_entry(entry: StoredEntry) -> WmEntry:
@@ -184,7 +230,7 @@ def derive_wm_entry(entry: StoredEntry) -> WmEntry:
     attestation = _first_string(
         metadata.get("attestation_hash"), provenance.get("attestation_hash"), metadata.get("signature")
     )
-    digest = content_hash(fields)
+    digest = content_hash(fields, entry.entry)
 
     plan_id = _str_or_none(fields.get("plan_id"))
     intent_id = _str_or_none(fields.get("intent_id"))

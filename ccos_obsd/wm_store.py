@@ -83,9 +83,13 @@ _SCHEMA = (
     # ts_bound: the largest timestamp_s of this row and of every row with a smaller
     # doc (when it was added). It never decreases with doc, which lets a full-text
     # search walk docs from the newest added and stop early (WmStore._text_docs).
+    # id_key: 64 bits of SHA-256(id). Its index is a fifth the size of one over the
+    # ids themselves, which matters because ids (random UUIDs inside) land at random
+    # places in it: it stays in the page cache at a million entries. The ids
+    # themselves are compared in the records (WmStore.ingest).
     """CREATE TABLE IF NOT EXISTS wm_entries (
         doc           INTEGER PRIMARY KEY,
-        id            TEXT NOT NULL UNIQUE,
+        id_key        INTEGER NOT NULL,
         seq           INTEGER NOT NULL,
         timestamp_s   REAL NOT NULL,
         ts_bound      REAL NOT NULL,
@@ -96,6 +100,7 @@ _SCHEMA = (
         approx_tokens INTEGER NOT NULL,
         record        TEXT NOT NULL
     ) STRICT""",
+    "CREATE INDEX IF NOT EXISTS wm_by_id_key ON wm_entries (id_key)",
     "CREATE INDEX IF NOT EXISTS wm_by_time ON wm_entries (timestamp_s, seq)",
     "CREATE INDEX IF NOT EXISTS wm_by_plan ON wm_entries (plan_id, timestamp_s, seq) WHERE plan_id IS NOT NULL",
     "CREATE INDEX IF NOT EXISTS wm_by_intent ON wm_entries (intent_id, timestamp_s, seq) WHERE intent_id IS NOT NULL",
@@ -114,7 +119,7 @@ _SCHEMA = (
 )
 _TABLES = ("wm_entries", "wm_tags", "wm_fts", "wm_stats")
 _INSERT_ENTRY = (
-    "INSERT INTO wm_entries (doc, id, seq, timestamp_s, ts_bound, plan_id, intent_id, session_id, base_tags,"
+    "INSERT INTO wm_entries (doc, id_key, seq, timestamp_s, ts_bound, plan_id, intent_id, session_id, base_tags,"
     " approx_tokens, record) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
@@ -156,8 +161,12 @@ class WmStore:
         """Open (creating if needed) a read-write store at ``path``.
 
         ``durable=False`` relaxes fsync to SQLite's ``synchronous=NORMAL``: a power
-        loss may then drop the last commits, which a replay restores (if the sink's
-        cursor lives elsewhere, keep the default).
+        loss may then drop the last commits. Keep the default when the sink's
+        cursor is kept in another file, which could then point past entries this
+        one lost; a rebuild from scratch can use ``False``.
+
+        A file that holds other tables than a store's is refused
+        (``sqlite3.DatabaseError``), and so is a store of another format.
         """
         self.path = Path(path)
         self.readonly = False
@@ -166,11 +175,14 @@ class WmStore:
             conn.execute(f"PRAGMA page_size={PAGE_SIZE}")  # only takes effect on a new file
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+            # Checkpoint every 128 MiB of WAL rather than 8: index pages that several
+            # batches touch (the id keys land anywhere) are written back once, not each time.
+            conn.execute("PRAGMA wal_autocheckpoint=16384")
             _tune(conn)
             conn.execute("BEGIN IMMEDIATE")
+            _check_format(conn, self.path)
             for statement in _SCHEMA:
                 conn.execute(statement)
-            _check_format(conn)
             conn.execute("COMMIT")
         except BaseException:
             conn.close()
@@ -189,7 +201,10 @@ class WmStore:
         try:
             _tune(conn)
             conn.execute("PRAGMA query_only=ON")
-            row = conn.execute("SELECT value FROM wm_meta WHERE key = 'format'").fetchone()
+            try:
+                row = conn.execute("SELECT value FROM wm_meta WHERE key = 'format'").fetchone()
+            except sqlite3.OperationalError:
+                row = None
             if row is None or row[0] != str(FORMAT_VERSION):
                 raise sqlite3.DatabaseError(f"{path} is not a Working Memory store of format {FORMAT_VERSION}")
         except BaseException:
@@ -222,12 +237,14 @@ class WmStore:
             batch.setdefault(entry.id, entry)
         if not batch:
             return 0
+        keys = {entry_id: _id_key(entry_id) for entry_id in batch}
         with self._transaction() as conn:
+            # Entries whose id_key matches, then their actual ids: exact whatever the keys collide.
             known = {
                 row[0]
                 for row in conn.execute(
-                    "SELECT id FROM wm_entries WHERE id IN (SELECT value FROM json_each(?))",
-                    (json.dumps(list(batch)),),
+                    "SELECT record ->> '$.id' FROM wm_entries WHERE id_key IN (SELECT value FROM json_each(?))",
+                    (json.dumps(list(keys.values())),),
                 )
             }
             last = conn.execute("SELECT doc, ts_bound FROM wm_entries ORDER BY doc DESC LIMIT 1").fetchone()
@@ -251,7 +268,7 @@ class WmStore:
                     else:
                         base_tags |= bit
                 entry_rows.append((
-                    doc, entry.id, entry.seq, entry.timestamp_s, bound, entry.plan_id, entry.intent_id,
+                    doc, keys[entry.id], entry.seq, entry.timestamp_s, bound, entry.plan_id, entry.intent_id,
                     entry.session_id, base_tags, entry.approx_tokens, record.decode("utf-8"),
                 ))
                 text_rows.append((doc, entry.title, entry.content, " ".join(entry.tags)))
@@ -516,7 +533,8 @@ class WmStore:
         try:
             yield
         finally:
-            self._conn.execute("COMMIT")
+            if self._conn.in_transaction:
+                self._conn.execute("COMMIT")
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -524,7 +542,8 @@ class WmStore:
         try:
             yield self._conn
         except BaseException:
-            self._conn.execute("ROLLBACK")
+            if self._conn.in_transaction:  # SQLite may have rolled back already (disk full, I/O error)
+                self._conn.execute("ROLLBACK")
             raise
         self._conn.execute("COMMIT")
 
@@ -536,15 +555,24 @@ def _tune(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA temp_store=MEMORY")
 
 
-def _check_format(conn: sqlite3.Connection) -> None:
+def _check_format(conn: sqlite3.Connection, path: Path) -> None:
+    """Create the format mark in a new file; refuse other files and other formats."""
+    tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_schema WHERE type = 'table'")}
+    if tables and "wm_meta" not in tables:
+        raise sqlite3.DatabaseError(f"{path} is not a Working Memory store (it holds other tables)")
+    conn.execute(_SCHEMA[0])
     row = conn.execute("SELECT value FROM wm_meta WHERE key = 'format'").fetchone()
     if row is None:
         conn.execute("INSERT INTO wm_meta (key, value) VALUES ('format', ?)", (str(FORMAT_VERSION),))
     elif row[0] != str(FORMAT_VERSION):
         raise sqlite3.DatabaseError(
-            f"Working Memory format {row[0]} is not supported (this version reads {FORMAT_VERSION}); "
+            f"{path}: Working Memory format {row[0]} is not supported (this version reads {FORMAT_VERSION}); "
             "remove the file and replay the ledger"
         )
+
+
+def _id_key(entry_id: str) -> int:
+    return int.from_bytes(hashlib.sha256(entry_id.encode("utf-8")).digest()[:8], "big", signed=True)
 
 
 def _digest(entries: int, digest_sum: int) -> str:

@@ -69,6 +69,10 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     key_id        TEXT NOT NULL,
     created_at_ms INTEGER NOT NULL
 ) STRICT;
+CREATE TABLE IF NOT EXISTS sink_cursors (
+    name     TEXT PRIMARY KEY,
+    next_seq INTEGER NOT NULL
+) STRICT;
 CREATE TABLE IF NOT EXISTS keys (
     key_id       TEXT PRIMARY KEY,
     vkey         TEXT NOT NULL,

@@ -1,0 +1,1 @@
+"""Sinks: consumers that pull committed entries from the ledger, each from its own cursor."""
