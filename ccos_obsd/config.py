@@ -249,7 +249,9 @@ KEYS: dict[str, tuple[Any, Callable[[Any], Any]]] = {
     "log.level": ("info", _level),
     "log.ring_size": (256, _int_range(1, 1_000_000)),
     "actions.allow_custom_types": (False, _bool),
-    "wm.enabled": (True, _bool),
+    # Off until the WM sink runs beside the daemon rather than inside it: in-process it
+    # shares the GIL with the append path and halves ingest (see docs/performance.md).
+    "wm.enabled": (False, _bool),
     "wm.max_entries": (0, _int_range(0, 2**62)),
     "wm.max_tokens": (0, _int_range(0, 2**62)),
 }

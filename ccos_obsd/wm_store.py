@@ -13,7 +13,8 @@ Layout (``wm.db`` under the state dir, WAL mode, 8 KiB pages):
   every derived entry carries (``wm.BASE_TAGS``) are bits of
   ``wm_entries.base_tags`` instead: three million rows that say nothing per
   million entries would double the tag index and its write cost.
-- ``wm_stats``: the entry count, the token total and the digest sum, updated in
+- ``wm_stats``: the entry count, the token total, the digest sum and the
+  largest lateness of an arrival (see :meth:`WmStore._text_docs`), updated in
   the same transaction as every change, so ``count()``, ``digest()`` and the
   budget check never scan.
 
@@ -73,13 +74,17 @@ _SCHEMA = (
         key   TEXT PRIMARY KEY,
         value TEXT NOT NULL
     ) STRICT""",
+    # max_lateness: how far below the ts_bound of the rows before it any row's
+    # timestamp_s has been (0 when entries arrive in time order); see _text_docs.
     """CREATE TABLE IF NOT EXISTS wm_stats (
-        singleton  INTEGER PRIMARY KEY CHECK (singleton = 0),
-        entries    INTEGER NOT NULL,
-        tokens     INTEGER NOT NULL,
-        digest_sum BLOB NOT NULL
+        singleton    INTEGER PRIMARY KEY CHECK (singleton = 0),
+        entries      INTEGER NOT NULL,
+        tokens       INTEGER NOT NULL,
+        digest_sum   BLOB NOT NULL,
+        max_lateness REAL NOT NULL
     ) STRICT""",
-    "INSERT OR IGNORE INTO wm_stats (singleton, entries, tokens, digest_sum) VALUES (0, 0, 0, zeroblob(32))",
+    """INSERT OR IGNORE INTO wm_stats (singleton, entries, tokens, digest_sum, max_lateness)
+        VALUES (0, 0, 0, zeroblob(32), 0.0)""",
     # ts_bound: the largest timestamp_s of this row and of every row with a smaller
     # doc (when it was added). It never decreases with doc, which lets a full-text
     # search walk docs from the newest added and stop early (WmStore._text_docs).
@@ -254,12 +259,16 @@ class WmStore:
             tag_rows = []
             added_sum = 0
             added_tokens = 0
+            lateness = 0.0
             for entry in batch.values():
                 if entry.id in known:
                     continue
                 doc += 1
                 record = entry.canonical_bytes()
-                bound = max(bound, entry.timestamp_s)
+                if entry.timestamp_s < bound:
+                    lateness = max(lateness, bound - entry.timestamp_s)
+                else:
+                    bound = entry.timestamp_s
                 base_tags = 0
                 for tag in entry.tags:
                     bit = _BASE_TAG_BITS.get(tag)
@@ -277,7 +286,7 @@ class WmStore:
             conn.executemany(_INSERT_ENTRY, entry_rows)
             conn.executemany("INSERT INTO wm_fts (rowid, title, content, tags) VALUES (?, ?, ?, ?)", text_rows)
             conn.executemany("INSERT INTO wm_tags (tag, timestamp_s, seq, doc) VALUES (?, ?, ?, ?)", tag_rows)
-            self._add_stats(conn, len(entry_rows), added_tokens, added_sum)
+            self._add_stats(conn, len(entry_rows), added_tokens, added_sum, lateness)
         return len(entry_rows)
 
     def enforce_budgets(self, max_entries: int | None = None, max_tokens: int | None = None) -> int:
@@ -417,27 +426,39 @@ class WmStore:
     def _text_docs(self, query: _Query) -> list[int]:
         """The newest ``limit`` full-text matches, without sorting every match.
 
-        FTS5 yields matches by doc, and docs follow insertion order, not time. The
+        FTS5 yields matches by doc, and docs follow arrival order, not time. The
         walk goes from the highest doc down keeping the best ``limit`` hits, and
         stops once a row's ``ts_bound`` (an upper bound on the timestamp of that row
         and of every lower doc) is older than the worst kept hit: nothing further
         can enter. Entries arriving roughly in time order (as a ledger replay
         does) make that a walk of about ``limit`` rows.
 
-        Filters narrow the walk to a doc range first: ``since`` to the docs from
-        the first whose ts_bound reaches it, a plan, intent or session to the docs
-        between its first and last entry.
+        Filters narrow the walk to a doc range first. ``since``: no doc below the
+        first whose ts_bound reaches it qualifies. ``until``: every row's timestamp
+        is at least its ts_bound minus the store's ``max_lateness``, so no doc from
+        the first whose ts_bound reaches ``until + max_lateness`` qualifies. A plan,
+        intent or session: only docs between its first and last entry.
         """
         where, params = _entry_filters(query)
         where.insert(0, "wm_fts MATCH ?")
         params.insert(0, query.match)
-        low = 0 if query.since is None else self._lowest_doc_bounded_by(query.since)
-        high = None
+        low: int | None = 0
+        high: int | None = None
+        if query.since is not None:
+            low = self._first_doc_reaching(query.since)
+        if query.until is not None:
+            lateness = self._conn.execute("SELECT max_lateness FROM wm_stats WHERE singleton = 0").fetchone()[0]
+            # One millisecond of slack for the rounding of the subtraction behind max_lateness.
+            beyond = self._first_doc_reaching(query.until + lateness + 0.001)
+            high = None if beyond is None else beyond - 2
         if query.id_filters:
             terms = " AND ".join(f"{column} = ?" for column, _ in query.id_filters)
             span_sql = f"SELECT min(doc), max(doc) FROM wm_entries WHERE {terms}"  # noqa: S608 -- constant column names; values are bound
-            first, high = self._conn.execute(span_sql, [value for _, value in query.id_filters]).fetchone()
-            low = None if low is None or first is None else max(low, first)
+            first, last = self._conn.execute(span_sql, [value for _, value in query.id_filters]).fetchone()
+            if first is None:
+                return []
+            low = None if low is None else max(low, first)
+            high = last if high is None else min(high, last)
         if low is None:
             return []
         where.append("wm_fts.rowid >= ?")
@@ -464,19 +485,21 @@ class WmStore:
             cursor.close()
         return [doc for _, _, doc in sorted(best, reverse=True)]
 
-    def _lowest_doc_bounded_by(self, since: float) -> int | None:
-        """A doc below which no entry is as recent as ``since`` (None: no entry is)."""
+    def _first_doc_reaching(self, timestamp_s: float) -> int | None:
+        """A doc d such that docs below d have ts_bound < ``timestamp_s`` and docs from d have it >= (None: no doc).
+
+        ts_bound never decreases with doc, so this is a binary search, probing
+        "the first doc at or after x" (docs have gaps where entries were evicted).
+        """
         top = self._conn.execute("SELECT doc, ts_bound FROM wm_entries ORDER BY doc DESC LIMIT 1").fetchone()
-        if top is None or top[1] < since:
+        if top is None or top[1] < timestamp_s:
             return None
         bottom = self._conn.execute("SELECT doc FROM wm_entries ORDER BY doc LIMIT 1").fetchone()
-        # ts_bound never decreases with doc: binary search for the first doc reaching
-        # `since`, probing "the first doc at or after x" (docs have gaps after evictions).
         probe = "SELECT ts_bound FROM wm_entries WHERE doc >= ? ORDER BY doc LIMIT 1"
         low, high = int(bottom[0]), int(top[0])
         while low < high:
             middle = (low + high) // 2
-            if self._conn.execute(probe, (middle,)).fetchone()[0] >= since:
+            if self._conn.execute(probe, (middle,)).fetchone()[0] >= timestamp_s:
                 high = middle
             else:
                 low = middle + 1
@@ -516,11 +539,14 @@ class WmStore:
         ).fetchone()
         return int(entries), int(tokens), int.from_bytes(digest_sum, "big")
 
-    def _add_stats(self, conn: sqlite3.Connection, entries: int, tokens: int, digest_delta: int) -> None:
+    def _add_stats(
+        self, conn: sqlite3.Connection, entries: int, tokens: int, digest_delta: int, lateness: float = 0.0
+    ) -> None:
         _, _, digest_sum = self._stats()
         conn.execute(
-            "UPDATE wm_stats SET entries = entries + ?, tokens = tokens + ?, digest_sum = ? WHERE singleton = 0",
-            (entries, tokens, ((digest_sum + digest_delta) % _DIGEST_MODULUS).to_bytes(32, "big")),
+            "UPDATE wm_stats SET entries = entries + ?, tokens = tokens + ?, digest_sum = ?,"
+            " max_lateness = max(max_lateness, ?) WHERE singleton = 0",
+            (entries, tokens, ((digest_sum + digest_delta) % _DIGEST_MODULUS).to_bytes(32, "big"), lateness),
         )
 
     def _check_writable(self) -> None:
