@@ -450,7 +450,7 @@ class WmStore:
             lateness = self._conn.execute("SELECT max_lateness FROM wm_stats WHERE singleton = 0").fetchone()[0]
             # One millisecond of slack for the rounding of the subtraction behind max_lateness.
             beyond = self._first_doc_reaching(query.until + lateness + 0.001)
-            high = None if beyond is None else beyond - 2
+            high = None if beyond is None else beyond - 1
         if query.id_filters:
             terms = " AND ".join(f"{column} = ?" for column, _ in query.id_filters)
             span_sql = f"SELECT min(doc), max(doc) FROM wm_entries WHERE {terms}"  # noqa: S608 -- constant column names; values are bound

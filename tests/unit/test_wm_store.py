@@ -174,7 +174,8 @@ _QUERIES: tuple[dict[str, Any], ...] = (
     {"plan_id": "p1", "tags": ["openai", "planstepstarted"]}, {"text": "capabilitycall", "tags": ["openai"]},
     {"since": 10}, {"until": 20}, {"since": 5, "until": 30, "text": "fetch"}, {"since": 25, "text": "capabilitycall"},
     {"since": 10, "tags": ["openai", "anthropic"]}, {"until": 15, "tags": ["wisdom"]},
-    {"since": 12, "plan_id": "p2", "text": "db"},
+    {"since": 12, "plan_id": "p2", "text": "db"}, {"until": 20.5, "text": "capabilitycall"},
+    {"since": 10.5, "until": 19.5, "text": "fetch"}, {"until": 0.5, "text": "capabilitycall"},
 )
 
 
@@ -231,6 +232,13 @@ def test_a_text_search_finds_newer_entries_that_arrived_earlier(store: WmStore) 
     assert seqs(store.search(text="capabilitycall", limit=1)) == [0]
     assert seqs(store.search(text="capabilitycall", limit=2)) == [0, 2]
     assert seqs(store.search(text="capabilitycall", since=seconds(0) + 4)) == [0, 2]
+
+
+def test_a_text_search_finds_a_late_arrival_before_until(store: WmStore) -> None:
+    store.ingest([wm(seq) for seq in range(1, 50)])
+    store.ingest([wm(0)])  # stamped long before the entries already stored
+    assert seqs(store.search(text="capabilitycall", until=seconds(1))) == [0]
+    assert seqs(store.search(text="capabilitycall", until=seconds(2))) == [1, 0]
 
 
 def test_a_text_search_from_any_since_finds_every_entry_from_then(store: WmStore) -> None:
@@ -389,6 +397,8 @@ def test_the_time_window_includes_since_and_excludes_until(store: WmStore) -> No
     assert seqs(store.search(since=seconds(9))) == []
     assert seqs(store.search(text="capabilitycall", since=seconds(2), until=seconds(4))) == [3, 2]
     assert seqs(store.search(text="capabilitycall", since=seconds(9))) == []
+    assert seqs(store.search(text="capabilitycall", until=seconds(4) + 0.5)) == [4, 3, 2, 1, 0]
+    assert seqs(store.search(text="capabilitycall", until=seconds(0))) == []
     assert seqs(store.search(tags=["capabilitycall"], since=seconds(2), until=seconds(4))) == [3, 2]
 
 
