@@ -8,8 +8,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
-from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -22,9 +20,10 @@ from ccos_obsd.ledger.hashing import (
     entry_signed_message,
     leaf_hash,
 )
+from tests.vectors import vectors_dir
 
 # The shared test vectors (DESIGN.md: "vectors/ beside this file").
-VECTORS = Path(os.environ.get("CCOS_TEST_VECTORS", "/work/shared/vectors")) / "rfc6962"
+VECTORS = vectors_dir() / "rfc6962"
 
 # The leaves of the test tree used by transparency-dev/merkle (its testdata/).
 TEST_TREE_LEAVES = [

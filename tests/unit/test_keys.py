@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
 import stat
 from pathlib import Path
 
@@ -26,8 +25,9 @@ from ccos_obsd.ledger.keys import (
     compute_key_id,
     load_or_create_signing_key,
 )
+from tests.vectors import vectors_dir
 
-VECTORS = Path(os.environ.get("CCOS_TEST_VECTORS", "/work/shared/vectors"))
+VECTORS = vectors_dir()
 
 # A fixed key so the expected strings below are stable.
 SEED = bytes(range(32))

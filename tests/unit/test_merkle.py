@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
@@ -51,8 +50,9 @@ from ccos_obsd.ledger.merkle import (
     verify_consistency,
     verify_inclusion,
 )
+from tests.vectors import vectors_dir
 
-VECTORS = Path(os.environ.get("CCOS_TEST_VECTORS", "/work/shared/vectors")) / "rfc6962"
+VECTORS = vectors_dir() / "rfc6962"
 
 
 def sha256(data: bytes) -> bytes:

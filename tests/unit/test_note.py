@@ -8,9 +8,7 @@ and c2sp.org/tlog-proof. Proofs are built over a tree filled by ``TreeBuilder``.
 from __future__ import annotations
 
 import base64
-import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -38,8 +36,9 @@ from ccos_obsd.ledger.note import (
     verify_note,
     verify_tlog_proof,
 )
+from tests.vectors import vectors_dir
 
-VECTORS = Path(os.environ.get("CCOS_TEST_VECTORS", "/work/shared/vectors"))
+VECTORS = vectors_dir()
 EM_DASH = "\u2014"
 
 LOG_NAME = "ccos-obsd.test/log"
