@@ -140,6 +140,31 @@ def build_parser() -> argparse.ArgumentParser:
                         help="OLD [NEW]: tree size OLD is a prefix of NEW (default: the current size)")
     prove.set_defaults(func=cmd_prove)
 
+    wm = commands.add_parser("wm", help="Working Memory: search it or print its digest",
+                             description="Search Working Memory (one JSON object per entry, newest first) or "
+                             "print its digest. Asks the running daemon, or reads --state-dir when given.")
+    _config_args(wm)
+    _socket_arg(wm)
+    wm.add_argument("action", choices=("search", "digest"))
+    wm.add_argument("text", nargs="?", help="words that must all occur (search)")
+    wm.add_argument("--tags", help="comma-separated; an entry with any of them matches")
+    wm.add_argument("--since", type=float, metavar="T", help="timestamp_s >= T (seconds)")
+    wm.add_argument("--until", type=float, metavar="T", help="timestamp_s < T (seconds)")
+    wm.add_argument("--plan", metavar="ID")
+    wm.add_argument("--intent", metavar="ID")
+    wm.add_argument("--session", metavar="ID")
+    wm.add_argument("--limit", type=int, default=50, metavar="N")
+    wm.set_defaults(func=cmd_wm)
+
+    replay = commands.add_parser("replay", help="rebuild Working Memory from the ledger",
+                                 description="Replay the ledger into Working Memory through the WM sink's "
+                                 "derivation (from scratch, or --from SEQ), with a progress bar. Offline: the "
+                                 "daemon must be stopped (the state dir is locked while it runs).")
+    _config_args(replay)
+    replay.add_argument("--from", dest="start", type=int, default=0, metavar="SEQ")
+    replay.add_argument("--quiet", action="store_true", help="no progress bar")
+    replay.set_defaults(func=cmd_replay)
+
     query = commands.add_parser("query", help="query the ledger (NDJSON records)",
                                 description="Print matching entries, oldest first (--desc: newest first), "
                                 "from a running daemon (--socket) or read-only from --state-dir.")
@@ -297,6 +322,59 @@ def _prove_offline(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(exc.message) from None
     finally:
         conn.close()
+
+
+def cmd_wm(args: argparse.Namespace) -> int:
+    from ccos_obsd import wm_ops
+    from ccos_obsd.errors import RequestError
+
+    filters: dict[str, Any] = {"limit": args.limit}
+    for key, value in (("text", args.text), ("tags", args.tags), ("since", args.since), ("until", args.until),
+                       ("plan_id", args.plan), ("intent_id", args.intent), ("session_id", args.session)):
+        if value is not None:
+            filters[key] = value
+    if args.state_dir is not None:
+        config = _load(args)
+        path = next((s.path for s in config.sinks if s.type == "wm"), config.state_dir / "wm.db")
+        try:
+            answer = wm_ops.digest(path) if args.action == "digest" else {"entries": wm_ops.search(path, filters)}
+        except RequestError as exc:
+            raise UsageError(exc.message) from None
+    else:
+        with _connect(args) as client:
+            answer = client.request({"op": "wm_digest"} if args.action == "digest" else {"op": "wm_search", **filters})
+        if not answer.get("ok"):
+            raise UsageError(RemoteError.from_answer(answer).message)
+    if args.action == "digest":
+        print(answer["digest"])
+    else:
+        for entry in answer["entries"]:
+            sys.stdout.write(json.dumps(entry, separators=(",", ":"), ensure_ascii=False) + "\n")
+    return EXIT_OK
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from ccos_obsd import wm_ops
+    from ccos_obsd.daemon import state_dir_lock
+
+    config = _load(args)
+    sink = next((s for s in config.sinks if s.type == "wm"), None)
+    path = sink.path if sink is not None else config.state_dir / "wm.db"
+    db = store.ledger_path(config.state_dir)
+    if not db.exists():
+        raise UsageError(f"no ledger in {config.state_dir}")
+    progress = _progress(args)
+    progress.desc = "replay"
+    os.umask(0o077)
+    with state_dir_lock(config.state_dir):
+        conn = store.connect(db, readonly=True)
+        progress.total = max(0, store.read_head(conn).size - args.start)
+        conn.close()
+        result = wm_ops.rebuild(db, path, start=args.start, sink_name=sink.name if sink else "wm",
+                                progress=progress.update)
+    progress.close()
+    print(json.dumps({"mode": "replay", **result}))
+    return EXIT_OK
 
 
 # --- reading the state dir

@@ -161,7 +161,8 @@ class Daemon:
                 server = await self._bind_socket(connections)
                 http_address = None
                 if config.http.enabled:
-                    app = build_app(registry, render_pool, writer, self.log_ring, read, self.aggregates)
+                    wm_file = next((s.path for s in config.sinks if s.type == "wm"), None)
+                    app = build_app(registry, render_pool, writer, self.log_ring, read, self.aggregates, wm_file)
                     runner = web.AppRunner(app, access_log=None, handle_signals=False)
                     await runner.setup()
                     http_address = await self._bind_http(runner)

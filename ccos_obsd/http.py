@@ -10,13 +10,15 @@ import asyncio
 import json
 from collections.abc import Callable
 from concurrent.futures import Executor
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from ccos_obsd.errors import InvalidRequest, NotFound, RequestError
+from ccos_obsd import wm_ops
+from ccos_obsd.errors import InvalidRequest, NotFound, RequestError, Unavailable
 from ccos_obsd.ledger import proofs, store
 from ccos_obsd.ledger.writer import LedgerWriter
 from ccos_obsd.log import LogRing
@@ -33,6 +35,9 @@ READ_KEY = web.AppKey("read", object)
 AGGREGATES_KEY = web.AppKey("aggregates", Aggregates)
 
 
+WM_FILE_KEY = web.AppKey("wm_file", object)
+
+
 def build_app(
     registry: CollectorRegistry,
     render_pool: Executor,
@@ -40,8 +45,10 @@ def build_app(
     log_ring: LogRing,
     read: ReadFn,
     aggregates: Aggregates,
+    wm_file: Path | None = None,
 ) -> web.Application:
     app = web.Application(middlewares=[_errors])
+    app[WM_FILE_KEY] = wm_file
     app[REGISTRY_KEY] = registry
     app[RENDER_POOL_KEY] = render_pool
     app[WRITER_KEY] = writer
@@ -56,6 +63,7 @@ def build_app(
     app.router.add_get("/v1/query", query)
     app.router.add_get("/v1/stats", stats)
     app.router.add_get("/v1/checkpoint", checkpoint)
+    app.router.add_get("/v1/wm/search", wm_search)
     app.router.add_get("/v1/proof/inclusion", proof_inclusion)
     app.router.add_get("/v1/proof/consistency", proof_consistency)
     return app
@@ -123,6 +131,25 @@ async def stats(request: web.Request) -> web.Response:
     )
 
 
+async def wm_search(request: web.Request) -> web.Response:
+    """``?text=&tags=a,b&since=&until=&plan_id=&intent_id=&session_id=&limit=``: NDJSON, newest first."""
+    path = request.app[WM_FILE_KEY]
+    if not isinstance(path, Path):
+        raise Unavailable("Working Memory is off (wm.enabled = false)")
+    filters: dict[str, Any] = dict(request.query)
+    for key in ("since", "until"):
+        if key in filters:
+            try:
+                filters[key] = float(filters[key])
+            except ValueError:
+                raise InvalidRequest(f"{key} must be a number of seconds", field=key) from None
+    if "limit" in filters:
+        filters["limit"] = _int_param(request, "limit", 50)
+    entries = await request.app[READ_KEY](lambda conn: wm_ops.search(path, filters))  # type: ignore[operator]
+    body = "".join(json.dumps(e, separators=(",", ":")) + "\n" for e in entries)
+    return web.Response(text=body, content_type="application/x-ndjson")
+
+
 async def checkpoint(request: web.Request) -> web.Response:
     answer = await request.app[READ_KEY](  # type: ignore[operator]
         lambda conn: snapshot(conn, lambda c: {"note": proofs.latest_checkpoint_note(c)})
@@ -163,7 +190,7 @@ def _int_param(request: web.Request, name: str, default: int) -> int:
 
 
 def _error(error: RequestError) -> web.Response:
-    status = 404 if isinstance(error, NotFound) else 400
+    status = 404 if isinstance(error, NotFound) else 503 if isinstance(error, Unavailable) else 400
     return web.json_response({"ok": False, "error": error.to_wire()}, status=status)
 
 

@@ -25,10 +25,12 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import structlog
 
+from ccos_obsd import wm_ops
 from ccos_obsd.actions import ValidatedAction, validate_action
 from ccos_obsd.config import Config
 from ccos_obsd.errors import (
@@ -182,6 +184,8 @@ class Dispatcher:
             "stats": self._op_stats,
             "checkpoint": self._op_checkpoint,
             "rotate_key": self._op_rotate_key,
+            "wm_search": self._op_wm_search,
+            "wm_digest": self._op_wm_digest,
             "prove_inclusion": self._op_prove_inclusion,
             "prove_consistency": self._op_prove_consistency,
         }
@@ -338,6 +342,22 @@ class Dispatcher:
             return {**outcome.to_wire(), "vkey": writer.key.verifier.vkey()}
 
         return _Pending("", None, False, future=writer.rotate_key(ctx.peer), transform=answer)
+
+    def _wm_file(self) -> Path:
+        for sink in self._config.sinks:
+            if sink.type == "wm":
+                return sink.path
+        raise Unavailable("Working Memory is off (wm.enabled = false)")
+
+    def _op_wm_search(self, request: dict[str, Any], ctx: _Context) -> _Pending:
+        """Working Memory search: text, tags (any of), since/until (seconds), plan/intent/session, limit."""
+        path, filters = self._wm_file(), dict(request)
+        return self._deferred(lambda conn: {"ok": True, "entries": wm_ops.search(path, filters)})
+
+    def _op_wm_digest(self, request: dict[str, Any], ctx: _Context) -> _Pending:
+        _only(request, set())
+        path = self._wm_file()
+        return self._deferred(lambda conn: {"ok": True, **wm_ops.digest(path)})
 
     def _op_checkpoint(self, request: dict[str, Any], ctx: _Context) -> _Pending:
         _only(request, set())

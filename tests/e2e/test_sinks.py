@@ -77,3 +77,36 @@ def test_a_bad_sink_option_is_a_configuration_error(state_dir: Path) -> None:
     result = run_cli("run", "--config", str(config), "--state-dir", str(state_dir))
     assert result.returncode == 2
     assert "sinks[0].bogus" in result.stderr.decode()
+
+
+def test_wm_search_digest_and_a_rebuild_with_the_same_digest(state_dir: Path) -> None:
+    env = {"CCOS_OBSD_WM_ENABLED": "true"}
+    daemon = DaemonProcess(state_dir, env=env).start()
+    try:
+        with daemon.client() as client:
+            for n in range(30):
+                client.append({"action_type": "CapabilityCall", "function_name": f"tool.{n % 3}",
+                               "plan_id": f"plan-{n % 2}", "timestamp_ms": 1_700_000_000_000 + n})
+        wait_for(lambda: sample(daemon, "ccos_wm_entries") == 30, "WM to hold every entry")
+        found = run_cli("wm", "search", "tool.1", "--socket", str(daemon.socket_path), env=env)
+        assert found.returncode == 0, found.stderr
+        entries = [json.loads(line) for line in found.stdout.decode().splitlines()]
+        assert len(entries) == 10
+        assert [e["timestamp_s"] for e in entries] == sorted((e["timestamp_s"] for e in entries), reverse=True)
+        status, _, body = daemon.get("/v1/wm/search?tags=capabilitycall&plan_id=plan-0&limit=100")
+        assert status == 200 and len(body.decode().splitlines()) == 15
+        online = run_cli("wm", "digest", "--socket", str(daemon.socket_path), env=env).stdout.decode().strip()
+    finally:
+        daemon.stop()
+    offline = run_cli("wm", "digest", "--state-dir", str(state_dir), env=env).stdout.decode().strip()
+    assert online == offline and len(online) == 64
+    rebuilt = run_cli("replay", "--state-dir", str(state_dir), "--quiet", env=env)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert json.loads(rebuilt.stdout)["scanned_actions"] == 30
+    assert run_cli("wm", "digest", "--state-dir", str(state_dir), env=env).stdout.decode().strip() == online
+
+
+def test_wm_search_says_when_working_memory_is_off(daemon: DaemonProcess) -> None:
+    with daemon.client() as client:
+        answer = client.request({"op": "wm_search", "text": "x"})
+    assert answer["ok"] is False and answer["error"]["code"] == "unavailable"
