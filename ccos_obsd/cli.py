@@ -159,8 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     replay = commands.add_parser("replay", help="rebuild Working Memory from the ledger",
                                  description="Replay the ledger into Working Memory through the WM sink's "
                                  "derivation (from scratch, or --from SEQ), with a progress bar. Offline: the "
-                                 "daemon must be stopped (the state dir is locked while it runs).")
+                                 "daemon must be stopped (the state dir is locked while it runs); with --socket the "
+                                 "running daemon replays (its WM sink pauses meanwhile).")
     _config_args(replay)
+    _socket_arg(replay)
     replay.add_argument("--from", dest="start", type=int, default=0, metavar="SEQ")
     replay.add_argument("--quiet", action="store_true", help="no progress bar")
     replay.set_defaults(func=cmd_replay)
@@ -357,6 +359,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from ccos_obsd import wm_ops
     from ccos_obsd.daemon import state_dir_lock
 
+    if args.socket is not None:
+        with _connect(args) as client:
+            answer = client.request({"op": "replay", "from": args.start})
+        if not answer.get("ok"):
+            raise UsageError(RemoteError.from_answer(answer).message)
+        answer.pop("ok")
+        print(json.dumps(answer))
+        return EXIT_OK
     config = _load(args)
     sink = next((s for s in config.sinks if s.type == "wm"), None)
     path = sink.path if sink is not None else config.state_dir / "wm.db"

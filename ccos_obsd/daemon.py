@@ -28,7 +28,7 @@ import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry, ProcessCollector
 
-from ccos_obsd import __version__
+from ccos_obsd import __version__, wm_ops
 from ccos_obsd.config import Config, SinkConfig
 from ccos_obsd.errors import StartupError
 from ccos_obsd.http import build_app
@@ -118,6 +118,7 @@ class Daemon:
         self._reader_connections: list[Any] = []
         self._reader_lock = threading.Lock()
         self._runners: list[SinkRunner] = []
+        self._replay_lock = asyncio.Lock()
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -149,6 +150,8 @@ class Daemon:
                 return loop.run_in_executor(reader_pool, lambda: fn(self._reader(db)))
 
             dispatcher = Dispatcher(config, writer, reader_pool, read, self.aggregates, self.log_ring)
+            if any(isinstance(r.sink, WmSink) for r in self._runners):
+                dispatcher.replay_wm = lambda start: self._replay_wm(db, writer, start)
             connections = ConnectionRegistry(config, dispatcher, self.gauges)
             registry = CollectorRegistry()
             registry.register(LedgerCollector(
@@ -209,6 +212,26 @@ class Daemon:
             runner.start()
             runners.append(runner)
         return runners
+
+    async def _replay_wm(self, db: Path, writer: LedgerWriter, start: int) -> dict[str, Any]:
+        """Rebuild Working Memory from ``start`` while the daemon runs: pause the WM sink, replay, resume."""
+        async with self._replay_lock:
+            loop = asyncio.get_running_loop()
+            index, runner = next((i, r) for i, r in enumerate(self._runners) if isinstance(r.sink, WmSink))
+            sink = runner.sink
+            assert isinstance(sink, WmSink)  # noqa: S101 - selected above
+            await loop.run_in_executor(None, runner.stop)
+            try:
+                result = await loop.run_in_executor(
+                    None, lambda: wm_ops.rebuild(db, sink.path, start=start, sink_name=sink.name)
+                )
+            finally:
+                fresh = SinkRunner(make_sink(next(s for s in self.config.sinks if s.name == sink.name), self.config),
+                                   db, lambda: writer.head.size, batch_size=runner.batch_size)
+                fresh.start()
+                self._runners[index] = fresh
+            log.info("wm_replayed", **result)
+            return result
 
     def _stop_sinks(self) -> None:
         for runner in self._runners:

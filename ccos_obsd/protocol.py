@@ -22,7 +22,7 @@ import socket
 import struct
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +30,7 @@ from typing import Any
 
 import structlog
 
-from ccos_obsd import wm_ops
+from ccos_obsd import ingestor, wm_ops
 from ccos_obsd.actions import ValidatedAction, validate_action
 from ccos_obsd.config import Config
 from ccos_obsd.errors import (
@@ -174,6 +174,8 @@ class Dispatcher:
         self.aggregates = aggregates
         self._log_ring = log_ring
         self.accepting_writes = True
+        self.replay_wm: Callable[[int], Awaitable[dict[str, Any]]] | None = None
+        """Rebuild Working Memory from a seq (set by the daemon when WM is on)."""
         self._ops: dict[str, Callable[[dict[str, Any], _Context], _Pending]] = {
             "append": self._op_append,
             "append_batch": self._op_append_batch,
@@ -185,6 +187,8 @@ class Dispatcher:
             "checkpoint": self._op_checkpoint,
             "rotate_key": self._op_rotate_key,
             "wm_search": self._op_wm_search,
+            "call": self._op_call,
+            "replay": self._op_replay,
             "wm_digest": self._op_wm_digest,
             "prove_inclusion": self._op_prove_inclusion,
             "prove_consistency": self._op_prove_consistency,
@@ -342,6 +346,75 @@ class Dispatcher:
             return {**outcome.to_wire(), "vkey": writer.key.verifier.vkey()}
 
         return _Pending("", None, False, future=writer.rotate_key(ctx.peer), transform=answer)
+
+    def _op_call(self, request: dict[str, Any], ctx: _Context) -> _Pending:
+        """A local capability call; ``observability.ingestor:v1.ingest`` is the one there is."""
+        _only(request, {"capability", "args"})
+        capability = request.get("capability")
+        if capability != ingestor.CAPABILITY:
+            shown = capability[:80] if isinstance(capability, str) else repr(capability)[:80]
+            raise InvalidRequest(f"unknown capability {shown!r} (known: {ingestor.CAPABILITY})", field="capability")
+        started = time.perf_counter()
+        mode, raw_records = ingestor.parse_call(request.get("args"))
+        if mode == "replay":
+            return _Pending("", None, False, future=asyncio.ensure_future(self._replay_call(started, ctx)),
+                            transform=_identity)
+        records: list[dict[str, Any]] = []
+        errors: list[dict[str, Any]] = []
+        now = ingestor.now_s()
+        for index, raw in enumerate(raw_records):
+            try:
+                records.append(ingestor.normalize_record(raw, now))
+            except ValueError as exc:
+                errors.append({"index": index, "reason": str(exc)})
+        if mode == "single" and errors:
+            raise InvalidRequest(f"record: {errors[0]['reason']}", field="args")
+        result = {"mode": mode, "ingested": len(records), "errors": errors}
+        return self._record_call(mode, records, result, started, ctx)
+
+    def _record_call(
+        self, mode: str, records: list[dict[str, Any]], result: dict[str, Any], started: float, ctx: _Context
+    ) -> _Pending:
+        ok = bool(records) or not result.get("errors")
+        duration_ms = round((time.perf_counter() - started) * 1000, 3)
+        call, outcome = ingestor.call_actions(mode, records, result, duration_ms, ok)
+        actions = [validate_action(call), validate_action(outcome)]
+        if not self.accepting_writes:
+            raise Unavailable("the daemon is shutting down; retry against the restarted daemon")
+        future = self._writer.submit(actions, ctx.peer)
+
+        def answer(outcomes: list[AppendOutcome]) -> Answer:
+            for appended in outcomes:
+                if not isinstance(appended, AppendResult):
+                    return error_answer(appended)
+            return {"ok": True, "result": result}
+
+        return _Pending("", None, False, future=future, transform=answer)
+
+    async def _replay_call(self, started: float, ctx: _Context) -> Answer:
+        if self.replay_wm is None:
+            return error_answer(Unavailable("Working Memory is off (wm.enabled = false)"))
+        replayed = await self.replay_wm(0)
+        result = {"mode": "replay", "ingested": replayed["ingested"], "errors": [],
+                  "scanned_actions": replayed["scanned_actions"]}
+        pending = self._record_call("replay", [], result, started, ctx)
+        assert pending.future is not None and pending.transform is not None  # noqa: S101 - set just above
+        return pending.transform(await pending.future)
+
+    def _op_replay(self, request: dict[str, Any], ctx: _Context) -> _Pending:
+        """Rebuild Working Memory from ``from`` (default 0: from scratch) inside the running daemon."""
+        _only(request, {"from"})
+        start = store.checked_int(request.get("from", 0), "from")
+        if start < 0:
+            raise InvalidRequest("from must be >= 0", field="from")
+        if self.replay_wm is None:
+            raise Unavailable("Working Memory is off (wm.enabled = false)")
+        replay = self.replay_wm
+
+        async def run() -> Answer:
+            return {"ok": True, "mode": "replay", **(await replay(start))}
+
+        return _Pending("", None, False, future=asyncio.ensure_future(run()), transform=_identity)
 
     def _wm_file(self) -> Path:
         for sink in self._config.sinks:

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from ccos_obsd.errors import InvalidRequest, NotFound
+from ccos_obsd.ingestor import derive_wm_entries
 from ccos_obsd.ledger import store
 from ccos_obsd.sinks.base import write_cursor
-from ccos_obsd.wm import derive_wm_entry
 from ccos_obsd.wm_store import WmStore
 
 SEARCH_FIELDS = frozenset({"text", "tags", "since", "until", "plan_id", "intent_id", "session_id", "limit"})
@@ -71,15 +71,14 @@ def rebuild(
                 wm.clear()
             batch = []
             for entry in store.iter_entries(conn, start, head):
-                batch.append(derive_wm_entry(entry))
+                batch.extend(derive_wm_entries(entry))
+                scanned += 1
                 if len(batch) >= REPLAY_BATCH:
                     added += wm.ingest(batch)
-                    scanned += len(batch)
                     if progress is not None:
                         progress(len(batch))
                     batch = []
             added += wm.ingest(batch)
-            scanned += len(batch)
             if progress is not None:
                 progress(len(batch))
         conn.execute("COMMIT")

@@ -100,6 +100,7 @@ class SinkRunner:
         self._db_path = db_path
         self._head = head
         self._batch_size = batch_size
+        self.batch_size = batch_size
         self._on_delivered = on_delivered
         self._wake = threading.Event()
         self._stop = threading.Event()

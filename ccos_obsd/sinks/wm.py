@@ -6,9 +6,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from ccos_obsd.ingestor import derive_wm_entries
 from ccos_obsd.ledger.store import StoredEntry
 from ccos_obsd.metrics import Histogram
-from ccos_obsd.wm import derive_wm_entry
 from ccos_obsd.wm_store import WmStore
 
 WM_INGEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -35,7 +35,7 @@ class WmSink:
         if self._store is None:
             raise RuntimeError("the WM sink is not open")
         started = time.perf_counter()
-        self._store.ingest([derive_wm_entry(entry) for entry in entries])
+        self._store.ingest([wm for entry in entries for wm in derive_wm_entries(entry)])
         if self.max_entries or self.max_tokens:
             self._store.enforce_budgets(self.max_entries or None, self.max_tokens or None)
         self.ingest_durations.observe(time.perf_counter() - started)

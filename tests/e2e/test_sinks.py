@@ -110,3 +110,45 @@ def test_wm_search_says_when_working_memory_is_off(daemon: DaemonProcess) -> Non
     with daemon.client() as client:
         answer = client.request({"op": "wm_search", "text": "x"})
     assert answer["ok"] is False and answer["error"]["code"] == "unavailable"
+
+
+INGEST = "observability.ingestor:v1.ingest"
+
+
+def test_the_ingestor_capability_and_a_rebuild_that_reproduces_its_records(state_dir: Path) -> None:
+    env = {"CCOS_OBSD_WM_ENABLED": "true"}
+    daemon = DaemonProcess(state_dir, env=env).start()
+    try:
+        with daemon.client() as client:
+            single = client.request({"op": "call", "capability": INGEST,
+                                     "args": ["single", {"summary": "cheaper provider found", "provider": "Acme"}]})
+            assert single == {"ok": True, "result": {"mode": "single", "ingested": 1, "errors": []}}
+            batch = client.request({"op": "call", "capability": INGEST,
+                                    "args": ["batch", [{"summary": "one"}, {"bogus": 1}, {"content": "three"}]]})
+            assert batch["result"]["ingested"] == 2
+            assert batch["result"]["errors"] == [{"index": 1, "reason": "unknown record field 'bogus'"}]
+            unknown = client.request({"op": "call", "capability": "other:v1", "args": ["single", {}]})
+            assert unknown["error"]["code"] == "invalid_request" and unknown["error"]["field"] == "capability"
+            bad_mode = client.request({"op": "call", "capability": INGEST, "args": ["explode"]})
+            assert bad_mode["error"]["code"] == "invalid_request"
+            # Each call is two ledger entries: CapabilityCall (records in arguments) + CapabilityResult.
+            assert client.ping() == 4
+            call = client.get(seq=0)["entry"]
+            assert call["action_type"] == "CapabilityCall" and call["function_name"] == INGEST
+            assert call["arguments"][1][0]["summary"] == "cheaper provider found"
+            assert client.get(seq=1)["entry"]["parent_action_id"] == call["action_id"]
+        # 4 ledger entries + 3 ingested records.
+        wait_for(lambda: sample(daemon, "ccos_wm_entries") == 7, "WM to hold entries and records")
+        assert sample(daemon, "ccos_capability_calls_total", capability=INGEST, outcome="success") == 2
+        found = run_cli("wm", "search", "cheaper", "--socket", str(daemon.socket_path), env=env)
+        assert json.loads(found.stdout.decode().splitlines()[0])["meta"]["provider"] == "Acme"
+        incremental = run_cli("wm", "digest", "--socket", str(daemon.socket_path), env=env).stdout
+        with daemon.client() as client:
+            replay = client.request({"op": "replay"})
+        assert replay["ok"] and replay["scanned_actions"] == 4
+        assert run_cli("wm", "digest", "--socket", str(daemon.socket_path), env=env).stdout == incremental
+        with daemon.client() as client:
+            answer = client.request({"op": "call", "capability": INGEST, "args": ["replay"]})
+        assert answer["result"]["mode"] == "replay" and answer["result"]["scanned_actions"] == 4
+    finally:
+        daemon.stop()
