@@ -152,3 +152,35 @@ def test_the_ingestor_capability_and_a_rebuild_that_reproduces_its_records(state
         assert answer["result"]["mode"] == "replay" and answer["result"]["scanned_actions"] == 4
     finally:
         daemon.stop()
+
+
+def test_wm_budgets_evict_the_oldest_first(state_dir: Path) -> None:
+    env = {"CCOS_OBSD_WM_ENABLED": "true", "CCOS_OBSD_WM_MAX_ENTRIES": "5"}
+    daemon = DaemonProcess(state_dir, env=env).start()
+    try:
+        with daemon.client() as client:
+            client.append_batch([{"action_type": "PlanStarted", "plan_id": f"p{n}", "timestamp_ms": 1_000 * n}
+                                 for n in range(12)])
+        wait_for(lambda: sample(daemon, "ccos_sink_lag_entries", sink="wm") == 0
+                 and sample(daemon, "ccos_wm_entries") == 5, "WM to settle at its budget")
+        found = run_cli("wm", "search", "--limit", "50", "--socket", str(daemon.socket_path), env=env)
+        plans = [json.loads(line)["meta"]["plan_id"] for line in found.stdout.decode().splitlines()]
+        assert plans == ["p11", "p10", "p9", "p8", "p7"]
+    finally:
+        daemon.stop()
+
+
+def test_sigkill_before_the_sink_delivered_loses_nothing_and_duplicates_nothing(state_dir: Path) -> None:
+    env = {"CCOS_OBSD_WM_ENABLED": "true"}
+    daemon = DaemonProcess(state_dir, env=env).start()
+    with daemon.client() as client:
+        lines = [json.dumps({"op": "append", "action": {"action_type": "InternalStep", "step_id": str(n)}}).encode()
+                 for n in range(3000)]
+        acked = sum(1 for answer in client.pipeline(lines) if answer["ok"])
+    daemon.kill()  # the WM sink is typically still behind the ledger here
+    daemon = DaemonProcess(state_dir, env=env).start()
+    try:
+        wait_for(lambda: sample(daemon, "ccos_sink_lag_entries", sink="wm") == 0
+                 and sample(daemon, "ccos_wm_entries") == acked, "WM to hold every entry exactly once", 60)
+    finally:
+        daemon.stop()
