@@ -337,6 +337,18 @@ class TreeBuilder:
         self._size += 1
         return completed
 
+    def push(self, leaf_hash: bytes) -> None:
+        """Add one leaf without reporting completed subtrees (verifiers only need roots)."""
+        index = self._size
+        node = leaf_hash
+        border = self._border
+        sha256 = hashlib.sha256
+        while index & 1:
+            node = sha256(NODE_PREFIX + border.pop() + node).digest()
+            index >>= 1
+        border.append(Hash(node))
+        self._size += 1
+
     def extend(self, leaf_hashes: Iterable[bytes]) -> list[StoredNode]:
         """Append each leaf in order; return all completed subtrees, in completion order."""
         completed: list[StoredNode] = []

@@ -13,8 +13,11 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ccos_obsd.errors import VerificationError
 from ccos_obsd.ledger.hashing import CHAIN_ROOT, Hash, chain_hash, entry_signed_message, leaf_hash
@@ -114,25 +117,38 @@ def verify_entries(
     Each entry must be authenticated: by its own signature, or (in checkpoint
     signing mode) by a verified checkpoint whose tree covers it. The Merkle tree is
     recomputed from the leaf hashes and each checkpoint is checked when the walk
-    reaches its size, so the first damage in seq order is the one reported; a
-    checkpoint larger than the ledger means its tail was cut off.
+    reaches its size; a checkpoint larger than the ledger means its tail was cut off.
+    The error with the lowest seq is the one reported.
+
+    The per-entry checks (bytes, leaf hash, chain hash against the stored previous
+    one, signature) run in chunks on ``workers`` threads (Ed25519 verification
+    releases the GIL; a process pool measured no faster); this thread only walks
+    seqs, the tree and the checkpoints.
     """
     workers = workers or os.cpu_count() or 1
-    # Signature checks release the GIL; a short switch interval lets the checking threads
-    # take it back quickly while this thread walks the entries.
     switch_interval = sys.getswitchinterval()
+    # Signature checks release the GIL; a short switch interval lets the checking
+    # threads take it back quickly while this thread walks the entries.
     sys.setswitchinterval(min(switch_interval, 0.001))
     try:
-        return _verify_entries(entries, keys, progress, workers, checkpoints, allow_pending)
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ccos-verify") as threads:
+            return _verify_entries(entries, keys, progress, threads, checkpoints, allow_pending)
     finally:
         sys.setswitchinterval(switch_interval)
+
+
+CheckItem = tuple[int, bytes, bytes, bytes, bytes, bytes | None, str, bytes | None]
+"""seq, entry bytes, stored leaf hash, stored chain hash, previous stored chain hash,
+public key (None: unsigned), key id, signature."""
+Finding = tuple[int, str, str]
+"""seq, kind, detail: what a worker found (the caller raises the VerificationError)."""
 
 
 def _verify_entries(
     entries: Iterable[StoredEntry],
     keys: KeyRing,
     progress: Callable[[int], None] | None,
-    workers: int,
+    pool: Executor,
     checkpoints: Sequence[CheckpointRecord],
     allow_pending: bool,
 ) -> VerifyReport:
@@ -142,65 +158,100 @@ def _verify_entries(
     expected = covered = verified_checkpoints = 0
     uncovered_from: int | None = None
     previous: Hash = CHAIN_ROOT
-    chunk: list[tuple[int, VerifierKey, bytes, bytes]] = []
-    futures: list[Future[VerificationError | None]] = []
-    structural: VerificationError | None = None
+    chunk: list[CheckItem] = []
+    futures: list[Future[Finding | None]] = []
+    findings: list[VerificationError] = []
     signatures = pending = 0
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ccos-verify") as pool:
-        for entry in entries:
-            try:
-                previous = _check_entry(entry, expected, previous)
-                if entry.signature is not None:
-                    key = keys.key_for(entry.key_id, entry.seq)
-                    chunk.append((entry.seq, key, entry.signature, entry_signed_message(entry.chain_hash)))
-                    signatures += 1
-                elif uncovered_from is None:
-                    uncovered_from = entry.seq
-                tree.append(entry.leaf_hash)
-                while position < len(waiting) and _claimed_size(waiting[position]) <= tree.size:
-                    checkpoint = verify_checkpoint_note(waiting[position], keys)
-                    position += 1
-                    if checkpoint.size != tree.size:
-                        raise VerificationError(
-                            max(checkpoint.size - 1, 0), "bad_checkpoint", "checkpoint size is not a tree size"
-                        )
-                    _check_root(checkpoint, tree.root())
-                    covered = checkpoint.size
-                    verified_checkpoints += 1
-                    uncovered_from = None
-            except VerificationError as error:
-                structural = error
-                break
-            expected += 1
-            if len(chunk) >= _SIGNATURE_CHUNK:
-                futures.append(pool.submit(_verify_signatures, chunk))
-                chunk = []
-                if progress is not None:
-                    progress(_SIGNATURE_CHUNK)
-        if chunk:
-            futures.append(pool.submit(_verify_signatures, chunk))
-        for future in futures:
-            bad_signature = future.result()
-            if bad_signature is not None and (structural is None or bad_signature.seq < structural.seq):
-                structural = bad_signature
-                break
-    if structural is None and position < len(waiting):
+    for entry in entries:
+        try:
+            _check_position(entry.seq, expected)
+            public_key: bytes | None = None
+            if entry.signature is not None:
+                public_key = keys.key_for(entry.key_id, entry.seq).public_key
+                signatures += 1
+            elif uncovered_from is None:
+                uncovered_from = entry.seq
+            chunk.append((entry.seq, entry.entry, entry.leaf_hash, entry.chain_hash, previous,
+                          public_key, entry.key_id, entry.signature))
+            previous = entry.chain_hash
+            tree.push(entry.leaf_hash)
+            while position < len(waiting) and _claimed_size(waiting[position]) <= tree.size:
+                checkpoint = verify_checkpoint_note(waiting[position], keys)
+                position += 1
+                if checkpoint.size != tree.size:
+                    raise VerificationError(
+                        max(checkpoint.size - 1, 0), "bad_checkpoint", "checkpoint size is not a tree size"
+                    )
+                _check_root(checkpoint, tree.root())
+                covered = checkpoint.size
+                verified_checkpoints += 1
+                uncovered_from = None
+        except VerificationError as error:
+            findings.append(error)
+            break
+        expected += 1
+        if len(chunk) >= _SIGNATURE_CHUNK:
+            futures.append(pool.submit(_check_chunk, chunk))
+            chunk = []
+            if progress is not None:
+                progress(_SIGNATURE_CHUNK)
+    if chunk:
+        futures.append(pool.submit(_check_chunk, chunk))
+    for future in futures:
+        finding = future.result()
+        if finding is not None:
+            findings.append(VerificationError(*finding))
+            break  # chunks are in seq order: later ones can only find higher seqs
+    if not findings and position < len(waiting):
         beyond = verify_checkpoint_note(waiting[position], keys)
-        structural = VerificationError(
+        findings.append(VerificationError(
             expected, "truncated", f"a checkpoint covers {beyond.size} entries but the ledger has {expected}"
-        )
-    if structural is None and uncovered_from is not None:
+        ))
+    if not findings and uncovered_from is not None:
         if not allow_pending:
-            structural = VerificationError(
+            findings.append(VerificationError(
                 uncovered_from, "unauthenticated",
                 f"no signature, and no checkpoint covers it (the latest covers {covered} entries)",
-            )
+            ))
         pending = expected - uncovered_from
-    if structural is not None:
-        raise structural
+    if findings:
+        raise min(findings, key=lambda error: error.seq)
     if progress is not None:
         progress(expected % _SIGNATURE_CHUNK)
     return VerifyReport(expected, previous, signatures, verified_checkpoints, covered, pending)
+
+
+def _check_position(seq: int, expected: int) -> None:
+    if seq != expected:
+        if seq > expected:
+            raise VerificationError(expected, "missing", f"no entry at seq {expected} (the next stored is {seq})")
+        raise VerificationError(seq, "out_of_order", f"seq {seq} appears where seq {expected} was expected")
+
+
+def _check_chunk(chunk: list[CheckItem]) -> Finding | None:
+    """On a worker thread: each entry's bytes, leaf and chain hash, and signature; the first finding."""
+    public_keys: dict[bytes, Ed25519PublicKey] = {}
+    for seq, entry, stored_leaf, stored_chain, previous_chain, public_key, key_id, signature in chunk:
+        try:
+            fields = json.loads(entry)
+        except (ValueError, UnicodeDecodeError) as exc:
+            return seq, "malformed_entry", f"stored bytes are not JSON: {exc}"
+        if not isinstance(fields, dict) or fields.get("seq") != seq:
+            return seq, "seq_mismatch", f"entry bytes name seq {_seq_of(fields)}, stored at seq {seq}"
+        leaf = leaf_hash(entry)
+        if leaf != stored_leaf:
+            return seq, "leaf_hash_mismatch", "the stored entry bytes do not hash to the stored leaf hash"
+        if chain_hash(previous_chain, leaf) != stored_chain:
+            return seq, "chain_hash_mismatch", "the chain hash does not follow from the previous entry"
+        if public_key is not None and signature is not None:
+            key = public_keys.get(public_key)
+            if key is None:
+                key = public_keys[public_key] = Ed25519PublicKey.from_public_bytes(public_key)
+            try:
+                key.verify(signature, entry_signed_message(stored_chain))
+            except InvalidSignature:
+                return seq, "bad_signature", f"signature does not verify under key {key_id}"
+    return None
 
 
 def _claimed_size(record: CheckpointRecord) -> int:
@@ -221,33 +272,7 @@ def _check_root(checkpoint: Checkpoint, root: Hash) -> None:
         )
 
 
-def _check_entry(entry: StoredEntry, expected: int, previous: Hash) -> Hash:
-    seq = entry.seq
-    if seq != expected:
-        if seq > expected:
-            raise VerificationError(expected, "missing", f"no entry at seq {expected} (the next stored is {seq})")
-        raise VerificationError(seq, "out_of_order", f"seq {seq} appears where seq {expected} was expected")
-    try:
-        fields = json.loads(entry.entry)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise VerificationError(seq, "malformed_entry", f"stored bytes are not JSON: {exc}") from None
-    if not isinstance(fields, dict) or fields.get("seq") != seq:
-        raise VerificationError(seq, "seq_mismatch", f"entry bytes name seq {_seq_of(fields)}, stored at seq {seq}")
-    leaf = leaf_hash(entry.entry)
-    if leaf != entry.leaf_hash:
-        raise VerificationError(seq, "leaf_hash_mismatch", "the stored entry bytes do not hash to the stored leaf hash")
-    chained = chain_hash(previous, leaf)
-    if chained != entry.chain_hash:
-        raise VerificationError(seq, "chain_hash_mismatch", "the chain hash does not follow from the previous entry")
-    return chained
-
-
 def _seq_of(fields: object) -> object:
     return fields.get("seq") if isinstance(fields, dict) else None
 
 
-def _verify_signatures(chunk: list[tuple[int, VerifierKey, bytes, bytes]]) -> VerificationError | None:
-    for seq, key, signature, message in chunk:
-        if not key.verify(signature, message):
-            return VerificationError(seq, "bad_signature", f"signature does not verify under key {key.key_id}")
-    return None
