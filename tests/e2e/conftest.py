@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon import DaemonProcess
+from tests.daemon import DaemonProcess, running_daemon
+from tests.e2e.socket_helpers import RawConnection
 
 
 @pytest.fixture
@@ -23,3 +24,16 @@ def daemon(state_dir: Path) -> Iterator[DaemonProcess]:
         yield process
     finally:
         process.stop()
+
+
+@pytest.fixture(scope="module")
+def shared() -> Iterator[DaemonProcess]:
+    """One daemon for a whole module, for tests that only add entries."""
+    with tempfile.TemporaryDirectory(prefix="ccos-") as directory, running_daemon(Path(directory)) as daemon:
+        yield daemon
+
+
+@pytest.fixture
+def raw(shared: DaemonProcess) -> Iterator[RawConnection]:
+    with RawConnection(shared.socket_path) as connection:
+        yield connection

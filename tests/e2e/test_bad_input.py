@@ -31,16 +31,6 @@ from tests.e2e.socket_helpers import (
 MAX_LINE_BYTES = 4096
 
 
-@pytest.fixture(scope="module")
-def shared() -> Iterator[DaemonProcess]:
-    with tempfile.TemporaryDirectory(prefix="ccos-") as directory, running_daemon(Path(directory)) as daemon:
-        yield daemon
-
-
-@pytest.fixture
-def raw(shared: DaemonProcess) -> Iterator[RawConnection]:
-    with RawConnection(shared.socket_path) as connection:
-        yield connection
 
 
 def action_line(**fields: Any) -> bytes:

@@ -8,7 +8,6 @@ entry, leaf_hash, chain_hash, key_id, signature, ...).
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import json
 import re
@@ -23,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from tests.daemon import DaemonProcess, run_cli
+from tests.e2e.ledger_helpers import ledger_db
 
 ENTRIES = 30
 
@@ -54,14 +54,6 @@ def stopped_ledger(pristine_ledger: Path, state_dir: Path) -> Path:
     return state_dir
 
 
-@contextlib.contextmanager
-def ledger_db(state_dir: Path) -> Iterator[sqlite3.Connection]:
-    conn = sqlite3.connect(state_dir / "ledger.db")
-    try:
-        with conn:
-            yield conn
-    finally:
-        conn.close()
 
 
 def first_seq_named(output: str) -> int:

@@ -12,8 +12,6 @@ import os
 import stat
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -39,16 +37,6 @@ REPO = Path(__file__).resolve().parents[2]
 RECORD_FIELDS = {"seq", "entry", "leaf_hash", "chain_hash", "key_id", "signature"}
 
 
-@pytest.fixture(scope="module")
-def shared() -> Iterator[DaemonProcess]:
-    with tempfile.TemporaryDirectory(prefix="ccos-") as directory, running_daemon(Path(directory)) as daemon:
-        yield daemon
-
-
-@pytest.fixture
-def raw(shared: DaemonProcess) -> Iterator[RawConnection]:
-    with RawConnection(shared.socket_path) as connection:
-        yield connection
 
 
 # --- append
