@@ -349,6 +349,28 @@ class TreeBuilder:
         border.append(Hash(node))
         self._size += 1
 
+    def extend_stored(self, leaf_hashes: Iterable[bytes]) -> list[StoredNode]:
+        """Append each leaf; return only the completed subtrees that tiles above level 0 store.
+
+        The same as filtering :meth:`extend` for levels 8, 16, ..., without building
+        the nodes nobody stores (the hot path of every commit).
+        """
+        stored: list[StoredNode] = []
+        border = self._border
+        sha256 = hashlib.sha256
+        for leaf in leaf_hashes:
+            index = self._size
+            node = bytes(leaf)
+            level = 0
+            while index >> level & 1:
+                node = sha256(NODE_PREFIX + border.pop() + node).digest()
+                level += 1
+                if level % TILE_HEIGHT == 0:
+                    stored.append((NodeId(level, index >> level), Hash(node)))
+            border.append(Hash(node))
+            self._size = index + 1
+        return stored
+
     def extend(self, leaf_hashes: Iterable[bytes]) -> list[StoredNode]:
         """Append each leaf in order; return all completed subtrees, in completion order."""
         completed: list[StoredNode] = []

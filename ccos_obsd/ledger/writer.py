@@ -364,7 +364,7 @@ class LedgerWriter:
                 if group.signing is not None:
                     group.signing.result()
                 try:
-                    nodes = self._tree.extend(n.leaf for n in group.new_entries)
+                    nodes = self._tree.extend_stored(n.leaf for n in group.new_entries)
                     checkpoint = self._sign_checkpoint() if self._checkpoint_wait() == 0.0 else None
                     self._insert(group.new_entries, tile_appends(nodes, skip_leaf_tiles=True), checkpoint)
                 except sqlite3.Error as exc:
@@ -509,7 +509,7 @@ class LedgerWriter:
         new_entry = _NewEntry((0, 0), ValidatedAction(fields, True), fields, entry, leaf, chain, seq)
         new_entry.signature = old.sign(entry_signed_message(chain)) if self._sign_entries else None
         started = time.perf_counter()
-        nodes = self._tree.extend([leaf])
+        nodes = self._tree.extend_stored([leaf])
         # The old key's last act: a checkpoint over everything through the rotation entry.
         checkpoint = self._sign_checkpoint()
         self._conn.execute("BEGIN IMMEDIATE")
@@ -551,7 +551,9 @@ class LedgerWriter:
         except ValueError:
             log.warning("merkle_tiles_unreadable", entries=size)
         tree = TreeBuilder()
-        nodes = tree.extend(bytes(row[0]) for row in self._conn.execute("SELECT leaf_hash FROM entries ORDER BY seq"))
+        nodes = tree.extend_stored(
+            bytes(row[0]) for row in self._conn.execute("SELECT leaf_hash FROM entries ORDER BY seq")
+        )
         with self._conn:
             self._conn.execute("BEGIN IMMEDIATE")
             self._conn.execute("DELETE FROM tiles")

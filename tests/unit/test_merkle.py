@@ -607,3 +607,14 @@ def test_a_node_beyond_a_partial_tile_cannot_be_read() -> None:
     assert hash_from_tile(data, tile_span(NodeId(2, 0))) == ref_range(0, 4)
     with pytest.raises(ValueError, match="too few"):
         hash_from_tile(data, tile_span(NodeId(1, 2)))
+
+
+@given(batches=st.lists(st.integers(min_value=1, max_value=700), min_size=1, max_size=6))
+def test_extend_stored_gives_the_tiles_of_extend_without_the_unstored_nodes(batches: list[int]) -> None:
+    full, lean = TreeBuilder(), TreeBuilder()
+    for n, size in enumerate(batches):
+        leaves = [hashlib.sha256(f"{n}/{i}".encode()).digest() for i in range(size)]
+        assert tile_appends(lean.extend_stored(leaves), skip_leaf_tiles=True) == tile_appends(
+            full.extend(leaves), skip_leaf_tiles=True
+        )
+        assert (lean.size, lean.root()) == (full.size, full.root())
