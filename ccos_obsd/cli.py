@@ -169,10 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     query = commands.add_parser("query", help="query the ledger (NDJSON records)",
                                 description="Print matching entries, oldest first (--desc: newest first), "
-                                "from a running daemon (--socket) or read-only from --state-dir.")
+                                "from the running daemon, or read-only from --state-dir when given.")
     _config_args(query)
     _socket_arg(query)
-    query.add_argument("--offline", action="store_true", help="read the state dir instead of asking the daemon")
+    query.add_argument("--offline", action="store_true",
+                       help="read the state dir instead of asking the daemon (implied by --state-dir)")
     for name in ("intent-id", "plan-id", "session-id", "action-type", "parent-action-id",
                  "function-name", "function-prefix", "run-id"):
         query.add_argument(f"--{name}", metavar="VALUE")
@@ -264,7 +265,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     filters["limit"] = args.limit
     if args.desc:
         filters["order"] = "desc"
-    if args.offline:
+    if args.offline or args.state_dir is not None:
         conn = _open_ledger(args)
         try:
             records = [e.query_record() for e in store.query_entries(conn, filters)]

@@ -89,9 +89,6 @@ def default_key_name() -> str:
     return f"{name or 'localhost'}/ccos-obsd"
 
 
-_PLAN_EVENT_TYPES_PREFIX = ("Plan",)
-
-
 def action_log_event(action_type: str, fields: dict[str, Any]) -> str:
     """CCOS's structured-log event name for an appended action."""
     if action_type == "CapabilityResult":
@@ -149,7 +146,7 @@ class Daemon:
             def read(fn: Callable[[Any], Any]) -> asyncio.Future[Any]:
                 return loop.run_in_executor(reader_pool, lambda: fn(self._reader(db)))
 
-            dispatcher = Dispatcher(config, writer, reader_pool, read, self.aggregates, self.log_ring)
+            dispatcher = Dispatcher(config, writer, read, self.aggregates, self.log_ring)
             if any(isinstance(r.sink, WmSink) for r in self._runners):
                 dispatcher.replay_wm = lambda start: self._replay_wm(db, writer, start)
             connections = ConnectionRegistry(config, dispatcher, self.gauges)

@@ -31,11 +31,21 @@ REGISTRY_KEY = web.AppKey("registry", CollectorRegistry)
 RENDER_POOL_KEY = web.AppKey("render_pool", Executor)
 WRITER_KEY = web.AppKey("writer", LedgerWriter)
 RING_KEY = web.AppKey("log_ring", LogRing)
-READ_KEY = web.AppKey("read", object)
+class Reads:
+    """Runs a function of a read-only ledger connection off the event loop."""
+
+    def __init__(self, read: ReadFn) -> None:
+        self._read = read
+
+    def __call__(self, fn: Callable[[Any], Any]) -> asyncio.Future[Any]:
+        return self._read(fn)
+
+
+READ_KEY = web.AppKey("read", Reads)
 AGGREGATES_KEY = web.AppKey("aggregates", Aggregates)
 
 
-WM_FILE_KEY = web.AppKey("wm_file", object)
+WM_FILE_KEY = web.AppKey("wm_file", object)  # a Path, or None when Working Memory is off
 
 
 def build_app(
@@ -53,7 +63,7 @@ def build_app(
     app[RENDER_POOL_KEY] = render_pool
     app[WRITER_KEY] = writer
     app[RING_KEY] = log_ring
-    app[READ_KEY] = read
+    app[READ_KEY] = Reads(read)
     app[AGGREGATES_KEY] = aggregates
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
@@ -101,7 +111,7 @@ async def entry_by_action_id(request: web.Request) -> web.Response:
 
 
 async def _read_one(request: web.Request, fetch: Callable[[Any], store.StoredEntry | None], what: str) -> web.Response:
-    entry = await request.app[READ_KEY](fetch)  # type: ignore[operator]
+    entry = await request.app[READ_KEY](fetch)
     if entry is None:
         return _error(NotFound(f"no entry with {what}"))
     return web.json_response(entry.query_record(), dumps=_dumps)
@@ -116,7 +126,7 @@ async def query(request: web.Request) -> web.Response:
         for key in _INT_FILTERS:
             if key in filters:
                 filters[key] = _int_param(request, key, 0)
-        entries = await request.app[READ_KEY](lambda conn: store.query_entries(conn, filters))  # type: ignore[operator]
+        entries = await request.app[READ_KEY](lambda conn: store.query_entries(conn, filters))
     except RequestError as error:
         return _error(error)
     body = "".join(json.dumps(e.query_record(), separators=(",", ":")) + "\n" for e in entries)
@@ -145,13 +155,13 @@ async def wm_search(request: web.Request) -> web.Response:
                 raise InvalidRequest(f"{key} must be a number of seconds", field=key) from None
     if "limit" in filters:
         filters["limit"] = _int_param(request, "limit", 50)
-    entries = await request.app[READ_KEY](lambda conn: wm_ops.search(path, filters))  # type: ignore[operator]
+    entries = await request.app[READ_KEY](lambda conn: wm_ops.search(path, filters))
     body = "".join(json.dumps(e, separators=(",", ":")) + "\n" for e in entries)
     return web.Response(text=body, content_type="application/x-ndjson")
 
 
 async def checkpoint(request: web.Request) -> web.Response:
-    answer = await request.app[READ_KEY](  # type: ignore[operator]
+    answer = await request.app[READ_KEY](
         lambda conn: snapshot(conn, lambda c: {"note": proofs.latest_checkpoint_note(c)})
     )
     return web.Response(text=answer["note"], content_type="text/plain")
@@ -163,7 +173,7 @@ async def proof_inclusion(request: web.Request) -> web.Response:
     action_id = request.query.get("action_id")
     if (seq is None) == (action_id is None):
         raise InvalidRequest("give exactly one of seq or action_id")
-    answer = await request.app[READ_KEY](  # type: ignore[operator]
+    answer = await request.app[READ_KEY](
         lambda conn: snapshot(conn, proofs.inclusion, seq=seq, action_id=action_id)
     )
     return web.Response(text=answer["proof"], content_type="text/plain")
@@ -173,7 +183,7 @@ async def proof_consistency(request: web.Request) -> web.Response:
     """``?size1=A&size2=B`` (size2 defaults to the ledger's size): JSON as in the RFC 6962 vectors."""
     size1 = _int_param(request, "size1", 0)
     size2 = _int_param(request, "size2", 0) if "size2" in request.query else None
-    answer = await request.app[READ_KEY](  # type: ignore[operator]
+    answer = await request.app[READ_KEY](
         lambda conn: snapshot(conn, proofs.consistency, size1, size2)
     )
     return web.json_response(answer, dumps=_dumps)

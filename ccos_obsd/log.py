@@ -47,9 +47,6 @@ class LogRing:
         lines = list(self._lines)
         return lines[-n:]
 
-    def resize(self, capacity: int) -> None:
-        self._lines = deque(self._lines, maxlen=capacity)
-
 
 class _RingAndStreamLogger:
     """structlog's final logger: writes each rendered line to the stream and the ring."""

@@ -23,7 +23,6 @@ import struct
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -162,14 +161,12 @@ class Dispatcher:
         self,
         config: Config,
         writer: LedgerWriter,
-        reader_pool: Executor,
         read: Callable[[Callable[[Any], Any]], Any],
         aggregates: Aggregates,
         log_ring: LogRing,
     ) -> None:
         self._config = config
         self._writer = writer
-        self._reader_pool = reader_pool
         self._read = read
         self.aggregates = aggregates
         self._log_ring = log_ring

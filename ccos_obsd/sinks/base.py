@@ -99,7 +99,6 @@ class SinkRunner:
         self.stats = SinkStats()
         self._db_path = db_path
         self._head = head
-        self._batch_size = batch_size
         self.batch_size = batch_size
         self._on_delivered = on_delivered
         self._wake = threading.Event()
@@ -152,7 +151,7 @@ class SinkRunner:
                     self._wake.wait(timeout=1.0)
                     self._wake.clear()
                     continue
-                batch = list(store.iter_entries(reader, start, min(head, start + self._batch_size)))
+                batch = list(store.iter_entries(reader, start, min(head, start + self.batch_size)))
                 if not batch:
                     self._wake.wait(timeout=0.1)
                     self._wake.clear()
