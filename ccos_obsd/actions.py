@@ -39,7 +39,9 @@ ACTION_TYPES = frozenset(
 
 KEY_ROTATED = "KeyRotated"
 """Written by the daemon itself when it changes signing keys; clients cannot send it."""
-RESERVED_TYPES = frozenset({KEY_ROTATED})
+SELF_CHECK_FAILED = "SelfCheckFailed"
+"""Written by the daemon itself when it starts despite a failed start-up self-check."""
+RESERVED_TYPES = frozenset({KEY_ROTATED, SELF_CHECK_FAILED})
 
 CUSTOM_TYPE_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_.:-]{0,127}")
 MAX_ID_LENGTH = 512

@@ -26,6 +26,15 @@ class StartupError(ObsdError):
     """The daemon cannot start: state dir locked, unsafe key permissions, ..."""
 
 
+class BackupError(ObsdError):
+    """A backup cannot be made: the destination is unusable or there is nothing to copy."""
+
+    def __init__(self, message: str, field: str = "dest") -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
 class RequestError(ObsdError):
     """An error answered to a socket client as ``{"ok": false, "error": {...}}``."""
 
@@ -73,6 +82,12 @@ class Conflict(RequestError):
 
 class NotFound(RequestError):
     code = "not_found"
+
+
+class Forbidden(RequestError):
+    """The peer is not in the socket's allow-lists, or the op is switched off by configuration."""
+
+    code = "forbidden"
 
 
 class Busy(RequestError):

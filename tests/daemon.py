@@ -46,12 +46,18 @@ class DaemonProcess:
         return [sys.executable, "-m", "ccos_obsd", "run", "--state-dir", str(self.state_dir),
                 "--socket", str(self.socket_path), "--http", "127.0.0.1:0", *self.extra_args]
 
-    def start(self) -> DaemonProcess:
+    def start(self, *, wait: bool = True) -> DaemonProcess:
+        """Start the process; with ``wait`` (default), return once it logged ``daemon_ready``."""
         self.proc = subprocess.Popen(self.command(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env)
         self._pump_thread = threading.Thread(target=self._pump, daemon=True)
         self._pump_thread.start()
-        self.ready = self.wait_for_event("daemon_ready", READY_TIMEOUT_S)
+        if wait:
+            self.wait_ready()
         return self
+
+    def wait_ready(self) -> dict[str, Any]:
+        self.ready = self.wait_for_event("daemon_ready", READY_TIMEOUT_S)
+        return self.ready
 
     def _pump(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None

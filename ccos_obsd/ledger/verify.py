@@ -137,6 +137,58 @@ def verify_entries(
         sys.setswitchinterval(switch_interval)
 
 
+def verify_range(
+    entries: Iterable[StoredEntry],
+    keys: KeyRing,
+    *,
+    start: int,
+    previous_chain_hash: Hash,
+    authenticated_below: int = 0,
+    allow_pending: bool = False,
+) -> VerifyReport:
+    """The per-entry checks of :func:`verify_entries` on the entries from seq ``start`` on.
+
+    ``previous_chain_hash`` is the stored chain hash of seq ``start - 1`` (taken as
+    is: what lies before ``start`` is not checked). An unsigned entry must lie below
+    ``authenticated_below`` (a checkpoint the caller verified covers it) or, with
+    ``allow_pending``, may lie anywhere. Runs on the calling thread.
+    """
+    expected, previous, signatures, pending = start, previous_chain_hash, 0, 0
+    chunk: list[CheckItem] = []
+    for entry in entries:
+        _check_position(entry.seq, expected)
+        public_key: bytes | None = None
+        if entry.signature is not None:
+            public_key = keys.key_for(entry.key_id, entry.seq).public_key
+            signatures += 1
+        elif entry.seq >= authenticated_below:
+            if not allow_pending:
+                raise VerificationError(
+                    entry.seq, "unauthenticated",
+                    f"no signature, and no checkpoint covers it (the latest covers {authenticated_below} entries)",
+                )
+            pending += 1
+        chunk.append((entry.seq, entry.entry, entry.leaf_hash, entry.chain_hash, previous,
+                      public_key, entry.key_id, entry.signature))
+        previous = entry.chain_hash
+        expected += 1
+        if len(chunk) >= _SIGNATURE_CHUNK:
+            _raise_finding(_check_chunk(chunk))
+            chunk = []
+    _raise_finding(_check_chunk(chunk))
+    return VerifyReport(expected - start, previous, signatures, pending=pending)
+
+
+def _raise_finding(finding: Finding | None) -> None:
+    if finding is not None:
+        raise VerificationError(*finding)
+
+
+def check_checkpoint_root(checkpoint: Checkpoint, root: Hash) -> None:
+    """``checkpoint_mismatch`` (at its last seq) unless ``root`` is the root it signs."""
+    _check_root(checkpoint, root)
+
+
 CheckItem = tuple[int, bytes, bytes, bytes, bytes, bytes | None, str, bytes | None]
 """seq, entry bytes, stored leaf hash, stored chain hash, previous stored chain hash,
 public key (None: unsigned), key id, signature."""
