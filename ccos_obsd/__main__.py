@@ -1,3 +1,4 @@
 from ccos_obsd.cli import entrypoint
 
-entrypoint()
+if __name__ == "__main__":  # not when a spawned worker process imports it
+    entrypoint()

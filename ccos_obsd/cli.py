@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -21,13 +22,14 @@ from typing import Any, NoReturn
 from ccos_obsd import __version__
 from ccos_obsd.client import Client
 from ccos_obsd.config import ENV_CONFIG_FILE, Config, load_config, prepare_paths
-from ccos_obsd.errors import ConfigError, RemoteError, StartupError, VerificationError
+from ccos_obsd.errors import BackupError, ConfigError, RemoteError, StartupError, VerificationError
 from ccos_obsd.ledger import store
 from ccos_obsd.ledger.hashing import Hash
 from ccos_obsd.ledger.keys import KeyFormatError, KeyId, VerifierKey
 from ccos_obsd.ledger.merkle import ProofError
 from ccos_obsd.ledger.note import NoteError, verify_tlog_proof
 from ccos_obsd.ledger.verify import CheckpointRecord, KeyRange, KeyRing, verify_entries
+from ccos_obsd.systemd import PassedSockets, listen_fds
 
 EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, EXIT_STARTUP = 0, 1, 2, 3
 
@@ -74,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--socket", metavar="PATH", help="Unix socket to listen on (socket.path)")
     run.add_argument("--http", metavar="HOST:PORT", help="address for /metrics (http.listen)")
     run.add_argument("--log-level", metavar="LEVEL", help="log.level: debug, info, warning, error")
+    run.add_argument("--start-despite-damage", action="store_true",
+                     help="start even if the start-up self-check finds the ledger's tail or latest checkpoint "
+                     "damaged; the finding is appended to the ledger as a SelfCheckFailed entry")
     run.set_defaults(func=cmd_run)
 
     send = commands.add_parser("send", help="send NDJSON actions or requests, print the answers",
@@ -167,6 +172,17 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--quiet", action="store_true", help="no progress bar")
     replay.set_defaults(func=cmd_replay)
 
+    backup = commands.add_parser("backup", help="a consistent copy of the state dir, also while the daemon runs",
+                                 description="Copy the ledger and Working Memory (SQLite's online backup: one "
+                                 "consistent snapshot each, also while the daemon writes) and the signing key "
+                                 "(mode 0600) into DEST, which must not exist or be an empty directory. Reads the "
+                                 "state dir; with --socket the running daemon writes the copy instead (for users "
+                                 "who cannot read the state dir; needs backup.allow_socket). Prints a JSON summary.")
+    _config_args(backup)
+    _socket_arg(backup)
+    backup.add_argument("dest", type=Path, metavar="DEST", help="the directory to create (or an empty one)")
+    backup.set_defaults(func=cmd_backup)
+
     query = commands.add_parser("query", help="query the ledger (NDJSON records)",
                                 description="Print matching entries, oldest first (--desc: newest first), "
                                 "from the running daemon, or read-only from --state-dir when given.")
@@ -183,6 +199,20 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--limit", type=int, default=store.DEFAULT_QUERY_LIMIT, metavar="N")
     query.add_argument("--desc", action="store_true", help="newest first")
     query.set_defaults(func=cmd_query)
+
+    demo = commands.add_parser("demo", help="send a realistic agent workload (for dashboards and trials)",
+                               description="Append a simulated agent workload through the socket: sessions "
+                               "with intents, plans, steps, capability calls (a dozen capabilities, skewed "
+                               "latencies, costs, failures and retries), governance and budget events. Prints a "
+                               "one-line summary at the end; exit 1 if any action was refused.")
+    _config_args(demo)
+    _socket_arg(demo)
+    demo.add_argument("--rate", type=float, default=100.0, metavar="N", help="actions per second (default 100)")
+    demo.add_argument("--duration", type=float, metavar="S", help="seconds to run (default: until Ctrl-C)")
+    demo.add_argument("--seed", type=int, default=1, metavar="N", help="same seed, same workload (default 1)")
+    demo.add_argument("--run-id", metavar="ID",
+                      help="prefix of every id, and metadata.run_id (default: demo-<random>)")
+    demo.set_defaults(func=cmd_demo)
     return parser
 
 
@@ -210,12 +240,20 @@ def _load(args: argparse.Namespace, **flags: Any) -> Config:
 def cmd_run(args: argparse.Namespace) -> int:
     from ccos_obsd.daemon import Daemon
 
-    config = _load(args, **{"socket.path": args.socket, "http.listen": args.http, "log.level": args.log_level})
+    flags = {"socket.path": args.socket, "http.listen": args.http, "log.level": args.log_level}
+    config = _load(args, **flags)
     # Everything the daemon creates (ledger, key, lock) is private to its user;
     # the socket's mode is set explicitly after bind.
     os.umask(0o077)
-    prepare_paths(config)
-    daemon = Daemon(config)
+    try:
+        sockets = PassedSockets.from_fds(listen_fds())
+    except (ValueError, OSError) as exc:
+        raise StartupError(f"the sockets passed by the service manager: {exc}") from None
+    # A socket passed by systemd lives in a directory systemd made and owns.
+    prepare_paths(config, socket_dir=sockets.ingest is None)
+    # A reload (SIGHUP) reads the configuration again the same way: same file, environment, flags.
+    daemon = Daemon(config, start_despite_damage=args.start_despite_damage,
+                    sockets=sockets, load_config=lambda: _load(args, **flags))
     asyncio.run(daemon.run())
     return EXIT_OK
 
@@ -253,6 +291,22 @@ def cmd_send(args: argparse.Namespace) -> int:
             out.write(json.dumps(answer, separators=(",", ":")) + "\n")
     out.flush()
     return EXIT_PROBLEM if failed else EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import secrets
+
+    from ccos_obsd.demo import Workload, run_demo
+
+    if not 0 < args.rate < float("inf"):
+        raise UsageError("--rate must be a positive number")
+    if args.duration is not None and not args.duration > 0:
+        raise UsageError("--duration must be positive")
+    workload = Workload(args.seed, args.run_id or f"demo-{secrets.token_hex(4)}")
+    with _connect(args) as client:
+        summary = run_demo(client, workload, rate=args.rate, duration_s=args.duration)
+    print(summary.line())
+    return EXIT_PROBLEM if summary.errors else EXIT_OK
 
 
 def cmd_query(args: argparse.Namespace) -> int:
@@ -361,7 +415,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from ccos_obsd.daemon import state_dir_lock
 
     if args.socket is not None:
-        with _connect(args) as client:
+        with _connect(args) as client, _RemoteProgress(args, _connect(args)):
             answer = client.request({"op": "replay", "from": args.start})
         if not answer.get("ok"):
             raise UsageError(RemoteError.from_answer(answer).message)
@@ -385,6 +439,28 @@ def cmd_replay(args: argparse.Namespace) -> int:
                                 progress=progress.update)
     progress.close()
     print(json.dumps({"mode": "replay", **result}))
+    return EXIT_OK
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    from ccos_obsd.backup import backup_state_dir
+
+    dest = Path(os.path.abspath(args.dest))
+    if args.socket is not None:
+        with _connect(args) as client:
+            answer = client.request({"op": "backup", "dest": str(dest)})
+        if not answer.get("ok"):
+            raise UsageError(RemoteError.from_answer(answer).message)
+        answer.pop("ok")
+        summary = answer
+    else:
+        config = _load(args)
+        os.umask(0o077)
+        try:
+            summary = backup_state_dir(config.state_dir, dest).to_json()
+        except BackupError as exc:
+            raise UsageError(exc.message) from None
+    print(json.dumps(summary))
     return EXIT_OK
 
 
@@ -604,6 +680,40 @@ def _progress(args: argparse.Namespace) -> Any:
     from tqdm import tqdm
 
     return tqdm(unit=" entries", unit_scale=True, file=sys.stderr, desc="verify")
+
+
+class _RemoteProgress:
+    """A progress bar for work the daemon does: polls ``replay_status`` on a second connection."""
+
+    def __init__(self, args: argparse.Namespace, client: Client, interval_s: float = 0.2) -> None:
+        self._bar = _progress(args)
+        self._bar.desc = "replay"
+        self._client = client
+        self._interval_s = interval_s
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def __enter__(self) -> _RemoteProgress:
+        if not isinstance(self._bar, _NoProgress):
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        self._bar.close()
+        self._client.close()
+
+    def _poll(self) -> None:
+        while not self._done.wait(self._interval_s):
+            try:
+                status = self._client.request({"op": "replay_status"})
+            except (OSError, ValueError):
+                return
+            if status.get("running"):
+                self._bar.total = status["total"]
+                self._bar.update(status["done"] - self._bar.n)
 
 
 def entrypoint() -> NoReturn:

@@ -35,6 +35,9 @@ class SocketConfig:
     max_connections: int
     max_inflight: int
     max_depth: int
+    allowed_uids: tuple[int, ...] = ()
+    allowed_gids: tuple[int, ...] = ()
+    """Peers allowed to use the socket (both empty: anyone who can open it)."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,8 @@ class HttpConfig:
 class LedgerConfig:
     max_group: int
     max_pending: int
+    verify_tail: int = 1000
+    """Entries re-verified at start-up, from the head backwards (0: none)."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,9 @@ class CheckpointConfig:
 @dataclass(frozen=True)
 class MetricsConfig:
     duration_buckets: tuple[float, ...]
+    max_label_values: int
+    snapshot_interval_s: float
+    created_series: bool = False
 
 
 @dataclass(frozen=True)
@@ -82,6 +90,12 @@ class WmConfig:
     enabled: bool
     max_entries: int
     max_tokens: int
+
+
+@dataclass(frozen=True)
+class BackupConfig:
+    allow_socket: bool
+    """Whether the ``backup`` socket op may make the daemon write a copy of its state."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +123,7 @@ class Config:
     actions: ActionsConfig
     wm: WmConfig
     sinks: tuple[SinkConfig, ...]
+    backup: BackupConfig = BackupConfig(allow_socket=False)
 
 
 # --- the keys: name -> (default, parser). Parsers take a value from TOML or from a
@@ -181,6 +196,24 @@ def _listen(value: Any) -> tuple[str, int]:
     return host, number
 
 
+def _ids(value: Any) -> tuple[int, ...]:
+    """A list of uids or gids: a TOML array of integers, or "1000,1001" from the environment."""
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, list):
+        raise ValueError("must be a list of numeric ids, e.g. [1000, 1001]")
+    ids = []
+    for item in value:
+        try:
+            number = int(item) if isinstance(item, str) else item
+        except ValueError:
+            raise ValueError(f"{item!r} is not a numeric id") from None
+        if isinstance(number, bool) or not isinstance(number, int) or not 0 <= number < 2**32 - 1:
+            raise ValueError(f"{item!r} is not a numeric id")
+        ids.append(number)
+    return tuple(sorted(set(ids)))
+
+
 def _level(value: Any) -> str:
     text = _str(value).lower()
     if text not in LEVELS:
@@ -238,22 +271,27 @@ KEYS: dict[str, tuple[Any, Callable[[Any], Any]]] = {
     "socket.max_connections": (1024, _int_range(1, 100_000)),
     "socket.max_inflight": (4096, _int_range(1, 1_000_000)),
     "socket.max_depth": (64, _int_range(2, 10_000)),
+    "socket.allowed_uids": ([], _ids),
+    "socket.allowed_gids": ([], _ids),
     "http.enabled": (True, _bool),
     "http.listen": ("127.0.0.1:9898", _listen),
     "ledger.max_group": (4096, _int_range(1, 1_000_000)),
     "ledger.max_pending": (200_000, _int_range(1, 100_000_000)),
+    "ledger.verify_tail": (1000, _int_range(0, 2**62)),
     "signing.key_name": ("", _key_name),
     "signing.mode": ("entry", _signing_mode),
     "checkpoint.interval": (1.0, _seconds),
     "metrics.duration_buckets": (list(DEFAULT_DURATION_BUCKETS), _buckets),
+    "metrics.max_label_values": (1000, _int_range(1, 1_000_000)),
+    "metrics.snapshot_interval": (30.0, _seconds),
+    "metrics.created_series": (False, _bool),
     "log.level": ("info", _level),
     "log.ring_size": (256, _int_range(1, 1_000_000)),
     "actions.allow_custom_types": (False, _bool),
-    # Off until the WM sink runs beside the daemon rather than inside it: in-process it
-    # shares the GIL with the append path and halves ingest (see docs/performance.md).
-    "wm.enabled": (False, _bool),
+    "wm.enabled": (True, _bool),
     "wm.max_entries": (0, _int_range(0, 2**62)),
     "wm.max_tokens": (0, _int_range(0, 2**62)),
+    "backup.allow_socket": (False, _bool),
 }
 
 _SINK_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -387,25 +425,37 @@ def _build(v: dict[str, Any], raw_sinks: Any = ()) -> Config:
             max_connections=v["socket.max_connections"],
             max_inflight=v["socket.max_inflight"],
             max_depth=v["socket.max_depth"],
+            allowed_uids=v["socket.allowed_uids"],
+            allowed_gids=v["socket.allowed_gids"],
         ),
         http=HttpConfig(enabled=v["http.enabled"], host=host, port=port),
-        ledger=LedgerConfig(max_group=v["ledger.max_group"], max_pending=v["ledger.max_pending"]),
+        ledger=LedgerConfig(max_group=v["ledger.max_group"], max_pending=v["ledger.max_pending"],
+                            verify_tail=v["ledger.verify_tail"]),
         signing=SigningConfig(key_name=v["signing.key_name"], mode=v["signing.mode"]),
         checkpoint=CheckpointConfig(interval_s=v["checkpoint.interval"]),
-        metrics=MetricsConfig(duration_buckets=v["metrics.duration_buckets"]),
+        metrics=MetricsConfig(
+            duration_buckets=v["metrics.duration_buckets"],
+            max_label_values=v["metrics.max_label_values"],
+            snapshot_interval_s=v["metrics.snapshot_interval"],
+            created_series=v["metrics.created_series"],
+        ),
         log=LogConfig(level=v["log.level"], ring_size=v["log.ring_size"]),
         actions=ActionsConfig(allow_custom_types=v["actions.allow_custom_types"]),
         wm=WmConfig(enabled=v["wm.enabled"], max_entries=v["wm.max_entries"], max_tokens=v["wm.max_tokens"]),
         sinks=_sinks(list(raw_sinks), state_dir, v["wm.enabled"]),
+        backup=BackupConfig(allow_socket=v["backup.allow_socket"]),
     )
 
 
-def prepare_paths(config: Config) -> None:
-    """Create the state dir (mode 0700) and the socket's directory, or say which key is unusable."""
-    for key, directory, mode in (
-        ("state_dir", config.state_dir, 0o700),
-        ("socket.path", config.socket.path.parent, 0o755),
-    ):
+def prepare_paths(config: Config, *, socket_dir: bool = True) -> None:
+    """Create the state dir (mode 0700) and the socket's directory, or say which key is unusable.
+
+    ``socket_dir=False`` when the socket was passed ready-made (systemd socket activation).
+    """
+    directories = [("state_dir", config.state_dir, 0o700)]
+    if socket_dir:
+        directories.append(("socket.path", config.socket.path.parent, 0o755))
+    for key, directory, mode in directories:
         try:
             directory.mkdir(mode=mode, parents=True, exist_ok=True)
         except FileExistsError:

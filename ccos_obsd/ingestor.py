@@ -89,9 +89,14 @@ def call_actions(mode: str, records: list[dict[str, Any]], result: Mapping[str, 
     return call, outcome
 
 
+_CAPABILITY_BYTES = json.dumps(CAPABILITY).encode()
+
+
 def derive_wm_entries(entry: StoredEntry) -> list[WmEntry]:
     """Working Memory entries for one ledger entry: its own, plus the records an ingest call carries."""
     derived = [derive_wm_entry(entry)]
+    if _CAPABILITY_BYTES not in entry.entry:  # most entries: skip parsing the JSON a second time
+        return derived
     fields = _fields(entry)
     if fields.get("function_name") != CAPABILITY or fields.get("action_type") != "CapabilityCall":
         return derived

@@ -23,6 +23,7 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Exemplar, Sample
 
 from ccos_obsd.actions import outcome
 
@@ -40,35 +41,84 @@ COMMIT_BUCKETS: tuple[float, ...] = (
 OUTCOMES = ("success", "failure", "unknown")
 
 
+ExemplarRecord = tuple[str, int, float, float]
+"""(action_id, seq, observed value, unix seconds): the latest observation in a bucket."""
+
+EXEMPLAR_MAX_CHARS = 128
+"""OpenMetrics: label names and values of one exemplar, together, at most 128 characters."""
+
+
 @dataclass(slots=True)
 class Histogram:
-    """Cumulative-at-render histogram state: per-bucket counts (not cumulative), sum."""
+    """Cumulative-at-render histogram state: per-bucket counts (not cumulative), sum.
+
+    With ``exemplars`` (a list, one slot per bucket) each bucket remembers the latest
+    observation that fell in it, so a dashboard spike leads back to a ledger entry.
+    """
 
     bounds: tuple[float, ...]
     counts: list[int] = field(default_factory=list)
     total: float = 0.0
     count: int = 0
+    exemplars: list[ExemplarRecord | None] | None = None
 
     def __post_init__(self) -> None:
         if not self.counts:
             self.counts = [0] * (len(self.bounds) + 1)
 
-    def observe(self, value: float) -> None:
+    @classmethod
+    def with_exemplars(cls, bounds: tuple[float, ...]) -> Histogram:
+        return cls(bounds, exemplars=[None] * (len(bounds) + 1))
+
+    def observe(self, value: float, exemplar: ExemplarRecord | None = None) -> None:
         # bisect_left: a value equal to a bound belongs to that bucket (le is inclusive).
-        self.counts[bisect_left(self.bounds, value)] += 1
+        index = bisect_left(self.bounds, value)
+        self.counts[index] += 1
         self.total += value
         self.count += 1
+        if exemplar is not None and self.exemplars is not None:
+            self.exemplars[index] = exemplar
 
-    def buckets(self) -> list[tuple[str, float]]:
+    def buckets(self) -> list[tuple[str, float] | tuple[str, float, Exemplar]]:
         cumulative = 0
-        out: list[tuple[str, float]] = []
-        for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
+        out: list[tuple[str, float] | tuple[str, float, Exemplar]] = []
+        exemplars = self.exemplars
+        for index, (bound, n) in enumerate(zip((*self.bounds, float("inf")), self.counts, strict=True)):
             cumulative += n
-            out.append((_le(bound), float(cumulative)))
+            record = exemplars[index] if exemplars is not None else None
+            if record is None:
+                out.append((_le(bound), float(cumulative)))
+            else:
+                out.append((_le(bound), float(cumulative), _exemplar(record)))
         return out
 
     def copy(self) -> Histogram:
-        return Histogram(self.bounds, list(self.counts), self.total, self.count)
+        exemplars = None if self.exemplars is None else list(self.exemplars)
+        return Histogram(self.bounds, list(self.counts), self.total, self.count, exemplars)
+
+    def to_json(self) -> list[Any]:
+        return [self.counts, self.total, self.count, self.exemplars]
+
+    @classmethod
+    def from_json(cls, bounds: tuple[float, ...], data: Any) -> Histogram:
+        counts, total, count, exemplars = data
+        if len(counts) != len(bounds) + 1 or not all(isinstance(n, int) for n in counts):
+            raise ValueError("histogram counts do not match the buckets")
+        records: list[ExemplarRecord | None] | None = None
+        if exemplars is not None:
+            if len(exemplars) != len(bounds) + 1:
+                raise ValueError("histogram exemplars do not match the buckets")
+            records = [None if e is None else (str(e[0]), int(e[1]), float(e[2]), float(e[3])) for e in exemplars]
+        return cls(bounds, list(counts), float(total), int(count), records)
+
+
+def _exemplar(record: ExemplarRecord) -> Exemplar:
+    action_id, seq, value, timestamp = record
+    seq_text = str(seq)
+    labels = {"action_id": action_id, "seq": seq_text}
+    if len("action_id") + len(action_id) + len("seq") + len(seq_text) > EXEMPLAR_MAX_CHARS:
+        labels = {"seq": seq_text}  # the seq alone still finds the entry
+    return Exemplar(labels, value, timestamp)
 
 
 def _le(bound: float) -> str:
@@ -100,17 +150,51 @@ class CallStats:
     def copy(self) -> CallStats:
         return CallStats(dict(self.by_outcome), self.cost, self.duration_ms, self.timed_calls)
 
+    def to_json(self) -> list[Any]:
+        return [[self.by_outcome[o] for o in OUTCOMES], self.cost, self.duration_ms, self.timed_calls]
+
+    @classmethod
+    def from_json(cls, data: Any) -> CallStats:
+        counts, cost, duration_ms, timed_calls = data
+        if len(counts) != len(OUTCOMES):
+            raise ValueError("call stats do not list every outcome")
+        return cls(dict(zip(OUTCOMES, (int(n) for n in counts), strict=True)),
+                   float(cost), float(duration_ms), int(timed_calls))
+
+
+OTHER = "__other__"
+"""The label value that stands for every value beyond ``metrics.max_label_values``."""
+
+COMMIT_BATCH_BUCKETS: tuple[float, ...] = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+
+SNAPSHOT_FORMAT = 1
+"""Version of :meth:`Aggregates.dump`'s layout; a snapshot of another version is rebuilt."""
+
+# The families each label domain feeds, for ccos_metrics_label_overflow_total{family}.
+_ACTION_FAMILIES = ("ccos_actions_total",)
+_CALL_FAMILIES = {
+    "capability": ("ccos_capability_calls_total", "ccos_capability_cost_total"),
+    "function": ("ccos_function_calls_total",),
+}
+
 
 class Aggregates:
     """Everything /metrics and the ``stats`` op report, kept up to date per entry.
 
     Updated by the ledger writer thread, read by renders on other threads: every
-    access holds ``_lock``, and readers take copies.
+    access holds ``_lock``, and readers take copies. The ledger-derived part
+    (everything but request counts and commit timings, which describe this process)
+    can be dumped and loaded, so start-up folds in only the entries after a snapshot.
     """
 
-    def __init__(self, duration_buckets: Sequence[float] = DEFAULT_DURATION_BUCKETS) -> None:
+    def __init__(
+        self,
+        duration_buckets: Sequence[float] = DEFAULT_DURATION_BUCKETS,
+        max_label_values: int = 1000,
+    ) -> None:
         self._lock = threading.Lock()
         self._buckets = tuple(duration_buckets)
+        self._max_labels = max_label_values
         self.entries = 0
         self.cost_total = 0.0
         self.actions_by_type: dict[str, int] = {}
@@ -118,9 +202,19 @@ class Aggregates:
         self.capability_durations: dict[str, Histogram] = {}
         self.functions: dict[str, CallStats] = {}
         self.function_durations: dict[str, Histogram] = {}
-        self.commit_durations = Histogram(COMMIT_BUCKETS)
-        self.ingest_requests: dict[tuple[str, str], int] = {}
+        self.label_overflow: dict[str, int] = {}
         self.unaggregatable = 0
+        # Of this process only:
+        self.commit_durations = Histogram(COMMIT_BUCKETS)
+        self.commit_batches = Histogram(COMMIT_BATCH_BUCKETS)
+        self.ingest_requests: dict[tuple[str, str], int] = {}
+        self.refused: dict[str, int] = {}
+        self._overflow_warned: set[str] = set()
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """What a snapshot must have been built with to be loadable."""
+        return {"duration_buckets": list(self._buckets), "max_label_values": self._max_labels}
 
     def observe_entries(self, entries: Iterable[Mapping[str, Any]]) -> None:
         with self._lock:
@@ -134,31 +228,122 @@ class Aggregates:
                     if self.unaggregatable == 1:
                         log.warning("entry_not_aggregated", seq=fields.get("seq"), error=str(exc))
 
-    def observe_commit(self, seconds: float) -> None:
+    def observe_commit(self, seconds: float, entries: int) -> None:
         with self._lock:
             self.commit_durations.observe(seconds)
+            self.commit_batches.observe(entries)
 
     def count_request(self, op: str, result: str) -> None:
         key = (op, result)
         with self._lock:
             self.ingest_requests[key] = self.ingest_requests.get(key, 0) + 1
+            if result != "ok":
+                self.refused[result] = self.refused.get(result, 0) + 1
 
     def _observe(self, fields: Mapping[str, Any]) -> None:
         self.entries += 1
         action_type = fields["action_type"]
-        self.actions_by_type[action_type] = self.actions_by_type.get(action_type, 0) + 1
         cost = fields.get("cost", 0)
         self.cost_total += cost
+        by_type = self.actions_by_type
+        if action_type not in by_type and len(by_type) >= self._max_labels:
+            action_type = self._overflow(_ACTION_FAMILIES)
+        by_type[action_type] = by_type.get(action_type, 0) + 1
         name = fields.get("function_name")
         if name is None:
             return
         result = outcome(fields)
         duration_ms = fields.get("duration_ms")
-        _record_call(self.functions, self.function_durations, self._buckets, name, result, cost, duration_ms)
+        exemplar = None
+        seq = fields.get("seq")
+        if duration_ms is not None and seq is not None:
+            exemplar = (fields["action_id"], seq, duration_ms / 1000.0, fields["recorded_at_ms"] / 1000.0)
+        call = (name, result, cost, duration_ms, exemplar)
+        self._record_call("function", self.functions, self.function_durations, *call)
         if action_type == "CapabilityCall":
-            _record_call(
-                self.capabilities, self.capability_durations, self._buckets, name, result, cost, duration_ms
-            )
+            self._record_call("capability", self.capabilities, self.capability_durations, *call)
+
+    def _record_call(
+        self,
+        kind: str,
+        stats: dict[str, CallStats],
+        durations: dict[str, Histogram],
+        name: str,
+        result: str,
+        cost: float,
+        duration_ms: float | None,
+        exemplar: ExemplarRecord | None,
+    ) -> None:
+        entry = stats.get(name)
+        if entry is None:
+            if len(stats) >= self._max_labels:
+                families = _CALL_FAMILIES[kind]
+                if duration_ms is not None:
+                    families = (*families, f"ccos_{kind}_duration_seconds")
+                name = self._overflow(families)
+                entry = stats.get(name)
+            if entry is None:
+                entry = stats[name] = CallStats()
+        entry.by_outcome[result] += 1
+        entry.cost += cost
+        if duration_ms is not None:
+            entry.duration_ms += duration_ms
+            entry.timed_calls += 1
+            histogram = durations.get(name)
+            if histogram is None:
+                histogram = durations[name] = Histogram.with_exemplars(self._buckets)
+            histogram.observe(duration_ms / 1000.0, exemplar)
+
+    def _overflow(self, families: Sequence[str]) -> str:
+        for family in families:
+            self.label_overflow[family] = self.label_overflow.get(family, 0) + 1
+            if family not in self._overflow_warned:
+                self._overflow_warned.add(family)
+                log.warning("metrics_label_overflow", family=family, max_label_values=self._max_labels,
+                            counted_as=OTHER)
+        return OTHER
+
+    # --- persistence of the ledger-derived part
+
+    def dump(self) -> dict[str, Any]:
+        """The ledger-derived aggregates as JSON-ready data; ``entries`` says what they cover."""
+        with self._lock:
+            return {
+                "entries": self.entries,
+                "cost_total": self.cost_total,
+                "actions_by_type": dict(self.actions_by_type),
+                "capabilities": {k: v.to_json() for k, v in self.capabilities.items()},
+                "capability_durations": {k: v.copy().to_json() for k, v in self.capability_durations.items()},
+                "functions": {k: v.to_json() for k, v in self.functions.items()},
+                "function_durations": {k: v.copy().to_json() for k, v in self.function_durations.items()},
+                "label_overflow": dict(self.label_overflow),
+                "unaggregatable": self.unaggregatable,
+            }
+
+    def load(self, data: Mapping[str, Any]) -> None:
+        """Replace the ledger-derived aggregates with a :meth:`dump`; ValueError if it is malformed."""
+        try:
+            bounds = self._buckets
+            loaded = {
+                "entries": int(data["entries"]),
+                "cost_total": float(data["cost_total"]),
+                "actions_by_type": {str(k): int(v) for k, v in data["actions_by_type"].items()},
+                "capabilities": {str(k): CallStats.from_json(v) for k, v in data["capabilities"].items()},
+                "capability_durations": {
+                    str(k): Histogram.from_json(bounds, v) for k, v in data["capability_durations"].items()
+                },
+                "functions": {str(k): CallStats.from_json(v) for k, v in data["functions"].items()},
+                "function_durations": {
+                    str(k): Histogram.from_json(bounds, v) for k, v in data["function_durations"].items()
+                },
+                "label_overflow": {str(k): int(v) for k, v in data["label_overflow"].items()},
+                "unaggregatable": int(data["unaggregatable"]),
+            }
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"malformed metrics snapshot: {exc!r}") from None
+        with self._lock:
+            for key, value in loaded.items():
+                setattr(self, key, value)
 
     def snapshot(self) -> AggregatesSnapshot:
         with self._lock:
@@ -171,31 +356,11 @@ class Aggregates:
                 functions={k: v.copy() for k, v in self.functions.items()},
                 function_durations={k: v.copy() for k, v in self.function_durations.items()},
                 commit_durations=self.commit_durations.copy(),
+                commit_batches=self.commit_batches.copy(),
                 ingest_requests=dict(self.ingest_requests),
+                refused=dict(self.refused),
+                label_overflow=dict(self.label_overflow),
             )
-
-
-def _record_call(
-    stats: dict[str, CallStats],
-    durations: dict[str, Histogram],
-    bounds: tuple[float, ...],
-    name: str,
-    result: str,
-    cost: float,
-    duration_ms: float | None,
-) -> None:
-    entry = stats.get(name)
-    if entry is None:
-        entry = stats[name] = CallStats()
-    entry.by_outcome[result] += 1
-    entry.cost += cost
-    if duration_ms is not None:
-        entry.duration_ms += duration_ms
-        entry.timed_calls += 1
-        histogram = durations.get(name)
-        if histogram is None:
-            histogram = durations[name] = Histogram(bounds)
-        histogram.observe(duration_ms / 1000.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,7 +373,10 @@ class AggregatesSnapshot:
     functions: dict[str, CallStats]
     function_durations: dict[str, Histogram]
     commit_durations: Histogram
+    commit_batches: Histogram
     ingest_requests: dict[tuple[str, str], int]
+    refused: dict[str, int]
+    label_overflow: dict[str, int]
 
     def stats(self, *, capability: str | None = None, function: str | None = None) -> dict[str, Any]:
         """The ``stats`` op's answer body (CCOS's capability and function metrics)."""
@@ -228,9 +396,15 @@ class AggregatesSnapshot:
 
 @dataclass(slots=True)
 class LiveGauges:
-    """Values that belong to the running daemon rather than the ledger."""
+    """Values that belong to the running daemon rather than the ledger.
+
+    Each field has a single writer (the event loop, or the writer thread for
+    ``ledger_bytes``); renders read them without a lock, as whole values.
+    """
 
     connections_open: int = 0
+    bytes_received: int = 0
+    ledger_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,15 +434,31 @@ class LedgerCollector(Collector):
         pending_appends: Callable[[], int],
         sinks: Callable[[], list[SinkView]] = list,
         wm: Callable[[], WmView | None] = lambda: None,
+        checkpoint_age: Callable[[], float | None] = lambda: None,
+        created: tuple[float, float] | None = None,
     ) -> None:
         self._aggregates = aggregates
         self._gauges = gauges
         self._pending_appends = pending_appends
         self._sinks = sinks
         self._wm = wm
+        self._checkpoint_age = checkpoint_age
+        self._created = created
+        """(ledger's first entry, daemon start) in unix seconds: adds ``_created`` series when set."""
 
     def collect(self) -> Iterator[Metric]:
+        if self._created is None:
+            yield from self._families()
+            return
+        ledger_created, started = self._created
+        for family in self._families():
+            if family.type in ("counter", "histogram"):
+                _add_created(family, ledger_created if family.name in LEDGER_FAMILIES else started)
+            yield family
+
+    def _families(self) -> Iterator[Metric]:
         snap = self._aggregates.snapshot()
+        gauges = self._gauges
         actions = CounterMetricFamily(
             "ccos_actions", "Actions appended to the causal chain, by action type.", labels=["action_type"]
         )
@@ -281,14 +471,31 @@ class LedgerCollector(Collector):
         yield from _call_families(
             "function", "function", "actions with a function_name", snap.functions, snap.function_durations
         )
-        yield CounterMetricFamily("ccos_cost", "Sum of the cost of every appended action.", value=snap.cost_total)
+        yield CounterMetricFamily("ccos_cost", "Sum of the cost of every appended action (the actions' own unit).",
+                                  value=snap.cost_total)
         yield GaugeMetricFamily("ccos_ledger_entries", "Entries in the causal chain ledger.", value=snap.entries)
+        yield GaugeMetricFamily("ccos_ledger_size_bytes",
+                                "Size of the ledger database on disk (main file and write-ahead log), in bytes.",
+                                value=gauges.ledger_bytes)
+        age = self._checkpoint_age()
+        if age is not None:
+            yield GaugeMetricFamily(
+                "ccos_checkpoint_age_seconds",
+                "Seconds the oldest entry not covered by a signed checkpoint has waited for one; "
+                "0 when the latest checkpoint covers the whole ledger.",
+                value=age,
+            )
         commit = HistogramMetricFamily(
             "ccos_commit_duration_seconds",
             "Time to sign, insert and durably commit one group of entries, in seconds.",
         )
         commit.add_metric([], snap.commit_durations.buckets(), snap.commit_durations.total)
         yield commit
+        batch = HistogramMetricFamily(
+            "ccos_commit_batch_entries", "Entries written by one group commit (one fsync), in entries."
+        )
+        batch.add_metric([], snap.commit_batches.buckets(), snap.commit_batches.total)
+        yield batch
         requests = CounterMetricFamily(
             "ccos_ingest_requests",
             "Socket requests answered, by op and result (ok or the error code).",
@@ -297,15 +504,51 @@ class LedgerCollector(Collector):
         for (op, result), n in sorted(snap.ingest_requests.items()):
             requests.add_metric([op, result], n)
         yield requests
-        yield GaugeMetricFamily(
-            "ccos_connections_open", "Socket connections open now.", value=self._gauges.connections_open
+        refused = CounterMetricFamily(
+            "ccos_refused_frames",
+            "Socket requests (lines) answered with an error instead of being carried out, by error code.",
+            labels=["code"],
         )
+        for code, n in sorted(snap.refused.items()):
+            refused.add_metric([code], n)
+        yield refused
+        yield CounterMetricFamily("ccos_received_bytes", "Bytes read from socket clients, in bytes.",
+                                  value=gauges.bytes_received)
+        yield GaugeMetricFamily("ccos_connections_open", "Socket connections open now.",
+                                value=gauges.connections_open)
         yield GaugeMetricFamily(
             "ccos_pending_appends",
             "Actions received and waiting for their commit.",
             value=self._pending_appends(),
         )
+        overflow = CounterMetricFamily(
+            "ccos_metrics_label_overflow",
+            f"Observations counted under the label value {OTHER} because their family already had "
+            "metrics.max_label_values distinct values, by family.",
+            labels=["family"],
+        )
+        for family, n in sorted(snap.label_overflow.items()):
+            overflow.add_metric([family], n)
+        yield overflow
         yield from _sink_families(self._sinks(), self._wm())
+
+
+LEDGER_FAMILIES = frozenset({
+    "ccos_actions", "ccos_capability_calls", "ccos_capability_duration_seconds", "ccos_capability_cost",
+    "ccos_function_calls", "ccos_function_duration_seconds", "ccos_cost", "ccos_metrics_label_overflow",
+})
+"""Families folded from the whole ledger: they began with its first entry, not with this process."""
+
+
+def _add_created(family: Metric, created: float) -> None:
+    """A ``_created`` sample after each series' last sample (``_total``, or a histogram's ``_sum``)."""
+    last = "_total" if family.type == "counter" else "_sum"
+    samples = []
+    for sample in family.samples:
+        samples.append(sample)
+        if sample.name == family.name + last:
+            samples.append(Sample(family.name + "_created", sample.labels, created))
+    family.samples = samples
 
 
 def _sink_families(sinks: list[SinkView], wm: WmView | None) -> Iterator[Metric]:

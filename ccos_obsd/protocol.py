@@ -17,9 +17,9 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import re
 import socket
-import struct
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -30,11 +30,15 @@ from typing import Any
 import structlog
 
 from ccos_obsd import ingestor, wm_ops
+from ccos_obsd.access import AccessPolicy, PeerCredentials, peer_credentials
 from ccos_obsd.actions import ValidatedAction, validate_action
+from ccos_obsd.backup import backup_state_dir
 from ccos_obsd.config import Config
 from ccos_obsd.errors import (
+    BackupError,
     BadJson,
     Busy,
+    Forbidden,
     FrameTooLarge,
     Internal,
     InvalidRequest,
@@ -53,7 +57,6 @@ log = structlog.get_logger("ccos_obsd.protocol")
 Answer = dict[str, Any]
 Transform = Callable[[Any], Answer]
 _SCALARS = (str, int, float, bool, type(None))
-_PEERCRED = struct.Struct("3i")
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
 
 
@@ -172,6 +175,8 @@ class Dispatcher:
         self._log_ring = log_ring
         self.accepting_writes = True
         self.replay_wm: Callable[[int], Awaitable[dict[str, Any]]] | None = None
+        self.replay_progress: tuple[int, int] | None = None
+        """(ledger entries replayed, to replay) while a replay runs (set by the daemon)."""
         """Rebuild Working Memory from a seq (set by the daemon when WM is on)."""
         self._ops: dict[str, Callable[[dict[str, Any], _Context], _Pending]] = {
             "append": self._op_append,
@@ -186,10 +191,16 @@ class Dispatcher:
             "wm_search": self._op_wm_search,
             "call": self._op_call,
             "replay": self._op_replay,
+            "replay_status": self._op_replay_status,
             "wm_digest": self._op_wm_digest,
             "prove_inclusion": self._op_prove_inclusion,
             "prove_consistency": self._op_prove_consistency,
+            "backup": self._op_backup,
         }
+
+    def reconfigure(self, config: Config) -> None:
+        """Apply a reloaded configuration (see ``ccos_obsd.reload``) to the next requests."""
+        self._config = config
 
     def dispatch_line(self, line: bytes, peer: dict[str, int] | None) -> _Pending:
         try:
@@ -216,6 +227,25 @@ class Dispatcher:
         pending.request_id = request_id
         pending.has_id = has_id
         return pending
+
+    def refuse_line(self, line: bytes, credentials: PeerCredentials | None) -> _Pending:
+        """The answer to a peer outside the allow-lists: ``forbidden``, whatever the line asks.
+
+        The line is parsed only to echo its ``id`` and to count the answer under its op.
+        """
+        who = "this peer" if credentials is None else f"uid {credentials.uid}"
+        answer = error_answer(Forbidden(
+            f"{who} may not use this socket (socket.allowed_uids, socket.allowed_gids)"
+        ))
+        try:
+            request = parse_frame(line, self._config.socket.max_depth)
+        except RequestError:
+            return _Pending("invalid", None, False, answer)
+        op = request.get("op", "append")
+        request_id = request.get("id")
+        has_id = "id" in request and isinstance(request_id, _SCALARS)
+        label = op if isinstance(op, str) and op in self._ops else "unknown"
+        return _Pending(label, request_id if has_id else None, has_id, answer)
 
     # --- writes
 
@@ -331,8 +361,14 @@ class Dispatcher:
         return _Pending("", None, False, later=answer)
 
     def _op_rotate_key(self, request: dict[str, Any], ctx: _Context) -> _Pending:
-        """A new signing key from the next entry on; answers the KeyRotated entry and the new vkey."""
+        """A new signing key from the next entry on; answers the KeyRotated entry and the new vkey.
+
+        Only root and the daemon's own user may ask: a writer may append, not re-key the ledger.
+        """
         _only(request, set())
+        uid = None if ctx.peer is None else ctx.peer.get("uid")
+        if uid not in (0, os.getuid()):
+            raise Forbidden("only root or the daemon's own user may rotate the signing key")
         if not self.accepting_writes:
             raise Unavailable("the daemon is shutting down")
         writer = self._writer
@@ -398,6 +434,15 @@ class Dispatcher:
         assert pending.future is not None and pending.transform is not None  # noqa: S101 - set just above
         return pending.transform(await pending.future)
 
+    def _op_replay_status(self, request: dict[str, Any], ctx: _Context) -> _Pending:
+        """How far a running replay got (for progress bars): ledger entries done of total."""
+        _only(request, set())
+        progress = self.replay_progress
+        body: Answer = {"ok": True, "running": progress is not None}
+        if progress is not None:
+            body.update(done=progress[0], total=progress[1])
+        return _Pending("", None, False, body)
+
     def _op_replay(self, request: dict[str, Any], ctx: _Context) -> _Pending:
         """Rebuild Working Memory from ``from`` (default 0: from scratch) inside the running daemon."""
         _only(request, {"from"})
@@ -451,6 +496,32 @@ class Dispatcher:
         size1 = store.checked_int(request.get("size1"), "size1")
         size2 = None if request.get("size2") is None else store.checked_int(request["size2"], "size2")
         return self._deferred(lambda conn: {"ok": True, **snapshot(conn, proofs.consistency, size1, size2)})
+
+    def _op_backup(self, request: dict[str, Any], ctx: _Context) -> _Pending:
+        """A consistent copy of the state dir, written by the daemon into ``dest`` (see ``ccos_obsd.backup``).
+
+        Off unless ``backup.allow_socket``: it makes the daemon create files, as its own
+        user, where the peer says. It starts once every earlier request on the
+        connection is answered, so the copy holds the connection's own appends.
+        """
+        _only(request, {"dest"})
+        if not self._config.backup.allow_socket:
+            raise Forbidden("backup over the socket is off (backup.allow_socket = false); "
+                            "`ccos-obsd backup --state-dir` copies the state dir directly")
+        dest = store.checked_string(request.get("dest"), "dest")
+        if "\x00" in dest or not os.path.isabs(dest):
+            raise InvalidRequest("dest must be an absolute path", field="dest")
+        state_dir = self._config.state_dir
+
+        async def run() -> Answer:
+            try:
+                summary = await asyncio.to_thread(backup_state_dir, state_dir, Path(dest))
+            except BackupError as exc:
+                raise InvalidRequest(exc.message, field=exc.field) from None
+            log.info("backup_written", peer=ctx.peer, **summary.to_json())
+            return {"ok": True, **summary.to_json()}
+
+        return _Pending("", None, False, later=lambda: asyncio.ensure_future(run()))
 
     def _deferred(self, read: Callable[[Any], Answer]) -> _Pending:
         return _Pending("", None, False, later=lambda: self._read(read))
@@ -509,8 +580,11 @@ class Connection(asyncio.Protocol):
         self._waiting_on: asyncio.Future[Any] | None = None
         self._paused_reading = False
         self._write_paused = False
+        self._write_resumed: asyncio.Future[None] | None = None
+        """Resolved when writing resumes: what drain() waits on while reads are held back."""
         self._stopped = False
         self.peer: dict[str, int] | None = None
+        self.credentials: PeerCredentials | None = None
         self.closed = asyncio.get_running_loop().create_future()
 
     # --- asyncio.Protocol
@@ -519,7 +593,8 @@ class Connection(asyncio.Protocol):
         if not isinstance(transport, asyncio.Transport):
             raise TypeError("the socket protocol needs a stream transport")
         self._transport = transport
-        self.peer = _peer_credentials(transport)
+        self.credentials = _peer_credentials(transport)
+        self.peer = None if self.credentials is None else self.credentials.stamp()
         if not self._server.admit(self):
             transport.write(encode_answer(error_answer(
                 Busy(f"too many connections (socket.max_connections = {self._server.config.socket.max_connections})")
@@ -527,10 +602,13 @@ class Connection(asyncio.Protocol):
             transport.close()
 
     def data_received(self, data: bytes) -> None:
-        self._server.bytes_received += len(data)
+        self._server.gauges.bytes_received += len(data)
         buffer = self._buffer
         buffer += data
         start = 0
+        # Checked per read, not per connection: a reload that changes the allow-lists
+        # applies to connections already open.
+        dispatch = self._dispatcher.dispatch_line if self._server.access.allows(self.credentials) else self._refuse
         while True:
             newline = buffer.find(b"\n", start)
             if newline < 0:
@@ -542,7 +620,7 @@ class Connection(asyncio.Protocol):
                 if newline - start > self._max_line:
                     self._too_large()
                 elif line.strip():
-                    self._pending.append(self._dispatcher.dispatch_line(line, self.peer))
+                    self._pending.append(dispatch(line, self.peer))
             start = newline + 1
         del buffer[:start]
         if len(buffer) > self._max_line:
@@ -562,6 +640,7 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._server.forget(self)
         self._transport = None
+        self._wake_writer_waiters()
         if not self.closed.done():
             self.closed.set_result(None)
 
@@ -571,11 +650,21 @@ class Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        self._update_reading()
+        self._wake_writer_waiters()
+        self._flush()  # runs the reads held back while paused, then resumes reading
+
+    def _wake_writer_waiters(self) -> None:
+        resumed, self._write_resumed = self._write_resumed, None
+        if resumed is not None and not resumed.done():
+            resumed.set_result(None)
 
     # --- answers in order
 
     _eof = False
+
+    def _refuse(self, line: bytes, peer: dict[str, int] | None) -> _Pending:
+        self._server.note_forbidden(self.credentials)
+        return self._dispatcher.refuse_line(line, self.credentials)
 
     def _too_large(self) -> None:
         error = FrameTooLarge(
@@ -590,6 +679,16 @@ class Connection(asyncio.Protocol):
         while pending:
             head = pending[0]
             if head.later is not None:
+                # A read runs only while its client takes its answers: otherwise a client
+                # that pipelines large reads and never reads would have them all buffered.
+                if chunks and self._transport is not None:
+                    self._transport.write(b"".join(chunks))
+                    chunks.clear()
+                if self._write_paused:
+                    if self._write_resumed is None:
+                        self._write_resumed = asyncio.get_running_loop().create_future()
+                    self._waiting_on = self._write_resumed
+                    break
                 later, head.later = head.later, None
                 try:
                     result = later()
@@ -661,15 +760,11 @@ class Connection(asyncio.Protocol):
             self._transport.close()
 
 
-def _peer_credentials(transport: asyncio.BaseTransport) -> dict[str, int] | None:
+def _peer_credentials(transport: asyncio.BaseTransport) -> PeerCredentials | None:
     sock = transport.get_extra_info("socket")
     if sock is None or sock.family != socket.AF_UNIX:
         return None
-    try:
-        pid, uid, gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
-    except OSError:
-        return None
-    return {"uid": uid, "gid": gid, "pid": pid}
+    return peer_credentials(sock)
 
 
 class ConnectionRegistry:
@@ -678,10 +773,17 @@ class ConnectionRegistry:
     def __init__(self, config: Config, dispatcher: Dispatcher, gauges: LiveGauges) -> None:
         self.config = config
         self.dispatcher = dispatcher
-        self._gauges = gauges
+        self.gauges = gauges
         self._connections: set[Connection] = set()
-        self.bytes_received = 0
-        self.started = time.monotonic()
+        self.access = AccessPolicy.from_config(config.socket)
+        """Who may use the socket; a configuration reload replaces it whole."""
+        self._forbidden_uids: set[int | None] = set()
+
+    def reconfigure(self, config: Config) -> None:
+        """Apply a reloaded configuration: its limits and allow-lists hold from the next request on."""
+        self.config = config
+        self.access = AccessPolicy.from_config(config.socket)
+        self.dispatcher.reconfigure(config)
 
     def protocol_factory(self) -> Connection:
         return Connection(self)
@@ -689,14 +791,27 @@ class ConnectionRegistry:
     def admit(self, connection: Connection) -> bool:
         if len(self._connections) >= self.config.socket.max_connections:
             log.warning("connection_refused", reason="max_connections", peer=connection.peer)
+            self.dispatcher.aggregates.count_request("connect", "busy")
             return False
         self._connections.add(connection)
-        self._gauges.connections_open = len(self._connections)
+        self.gauges.connections_open = len(self._connections)
         return True
+
+    def note_forbidden(self, credentials: PeerCredentials | None) -> None:
+        """Log a refused peer, once per uid for the daemon's lifetime."""
+        uid = None if credentials is None else credentials.uid
+        if uid in self._forbidden_uids:
+            return
+        self._forbidden_uids.add(uid)
+        if credentials is None:
+            log.warning("peer_forbidden", uid=None, gid=None, pid=None, reason="no peer credentials")
+        else:
+            log.warning("peer_forbidden", uid=credentials.uid, gid=credentials.gid, pid=credentials.pid,
+                        groups=sorted(credentials.groups))
 
     def forget(self, connection: Connection) -> None:
         self._connections.discard(connection)
-        self._gauges.connections_open = len(self._connections)
+        self.gauges.connections_open = len(self._connections)
 
     def stop_reading(self) -> None:
         for connection in self._connections:

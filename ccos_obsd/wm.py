@@ -82,6 +82,9 @@ class WmDerivationError(ObsdError):
         self.seq = seq
         self.problem = problem
 
+    def __reduce__(self) -> tuple[type[WmDerivationError], tuple[int, str]]:
+        return WmDerivationError, (self.seq, self.problem)  # crosses from replay's worker processes
+
 
 @dataclass(frozen=True, slots=True)
 class WmEntry:

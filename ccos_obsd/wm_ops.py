@@ -7,7 +7,11 @@ the sink uses, so a rebuilt WM has the same digest as the incrementally built on
 
 from __future__ import annotations
 
+import multiprocessing
+import sqlite3
+from collections import deque
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +19,77 @@ from ccos_obsd.errors import InvalidRequest, NotFound
 from ccos_obsd.ingestor import derive_wm_entries
 from ccos_obsd.ledger import store
 from ccos_obsd.sinks.base import write_cursor
-from ccos_obsd.wm_store import WmStore
+from ccos_obsd.wm_store import PreparedEntry, WmStore, prepare
 
 SEARCH_FIELDS = frozenset({"text", "tags", "since", "until", "plan_id", "intent_id", "session_id", "limit"})
 REPLAY_BATCH = 10_000
 """Large batches: random ids make small WM transactions expensive."""
+REPLAY_WORKERS = 2
+REPLAY_INLINE = 20_000
+"""Replays up to this many entries run in this process: starting workers would cost more."""
+
+
+def derive_range(
+    ledger_db: Path, start: int, stop: int, conn: sqlite3.Connection | None = None
+) -> tuple[list[PreparedEntry], int]:
+    """WM entries, encoded for the store, of the ledger entries ``start`` <= seq < ``stop``; and their count.
+
+    Runs in replay's worker processes (the entries below the head never change, so
+    no transaction is needed to read them consistently).
+    """
+    if conn is None:
+        conn = _worker_connections.get(ledger_db)
+    if conn is None:
+        conn = _worker_connections[ledger_db] = store.connect(ledger_db, readonly=True)
+    entries = list(store.iter_entries(conn, start, stop))
+    return prepare([wm for entry in entries for wm in derive_wm_entries(entry)]), len(entries)
+
+
+_worker_connections: dict[Path, sqlite3.Connection] = {}
+
+
+def replay_range(
+    wm: WmStore, ledger_db: Path, start: int, stop: int, progress: Callable[[int], None] | None = None
+) -> tuple[int, int]:
+    """Ingest the WM entries of ledger entries ``start`` <= seq < ``stop``, in seq order.
+
+    Derivation and encoding (most of the work, all of it Python) run in worker
+    processes, a chunk each, while this process ingests the chunks in order: on
+    two cores that nearly doubles the rate. Returns (entries scanned, WM entries added).
+    """
+    scanned = added = 0
+    if stop - start <= REPLAY_INLINE:
+        conn = store.connect(ledger_db, readonly=True)
+        try:
+            for chunk_start in range(start, stop, REPLAY_BATCH):
+                prepared, count = derive_range(ledger_db, chunk_start, min(stop, chunk_start + REPLAY_BATCH), conn)
+                added += wm.ingest_prepared(prepared)
+                scanned += count
+                if progress is not None:
+                    progress(count)
+        finally:
+            conn.close()
+        return scanned, added
+    chunks = iter(range(start, stop, REPLAY_BATCH))
+    context = multiprocessing.get_context("spawn")  # never fork a process that runs threads
+    with ProcessPoolExecutor(max_workers=REPLAY_WORKERS, mp_context=context) as pool:
+        pending: deque[Future[tuple[list[PreparedEntry], int]]] = deque()
+
+        def submit_next() -> None:
+            chunk_start = next(chunks, None)
+            if chunk_start is not None:
+                pending.append(pool.submit(derive_range, ledger_db, chunk_start, min(stop, chunk_start + REPLAY_BATCH)))
+
+        for _ in range(2 * REPLAY_WORKERS):
+            submit_next()
+        while pending:
+            prepared, count = pending.popleft().result()
+            submit_next()
+            added += wm.ingest_prepared(prepared)
+            scanned += count
+            if progress is not None:
+                progress(count)
+    return scanned, added
 
 
 def search(path: Path, filters: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -62,25 +132,13 @@ def rebuild(
     from there. Returns how many ledger entries were scanned and WM entries added.
     """
     conn = store.connect(ledger_db, readonly=True)
-    scanned = added = 0
     try:
         conn.execute("BEGIN")
         head = store.read_head(conn).size
         with WmStore(wm_file, durable=False) as wm:
             if start == 0:
                 wm.clear()
-            batch = []
-            for entry in store.iter_entries(conn, start, head):
-                batch.extend(derive_wm_entries(entry))
-                scanned += 1
-                if len(batch) >= REPLAY_BATCH:
-                    added += wm.ingest(batch)
-                    if progress is not None:
-                        progress(len(batch))
-                    batch = []
-            added += wm.ingest(batch)
-            if progress is not None:
-                progress(len(batch))
+            scanned, added = replay_range(wm, ledger_db, start, head, progress)
         conn.execute("COMMIT")
     finally:
         conn.close()

@@ -49,7 +49,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
 from ccos_obsd.errors import InvalidRequest, ObsdError
 from ccos_obsd.ledger.store import checked_string
@@ -236,20 +236,23 @@ class WmStore:
 
     def ingest(self, entries: Sequence[WmEntry]) -> int:
         """Add the entries whose ids are not stored yet, in one transaction; return how many were new."""
+        return self.ingest_prepared(prepare(entries))
+
+    def ingest_prepared(self, prepared: Sequence[PreparedEntry]) -> int:
+        """:meth:`ingest` for entries :func:`prepare` (possibly in another process) already encoded."""
         self._check_writable()
-        batch: dict[str, WmEntry] = {}
-        for entry in entries:
+        batch: dict[str, PreparedEntry] = {}
+        for entry in prepared:
             batch.setdefault(entry.id, entry)
         if not batch:
             return 0
-        keys = {entry_id: _id_key(entry_id) for entry_id in batch}
         with self._transaction() as conn:
             # Entries whose id_key matches, then their actual ids: exact whatever the keys collide.
             known = {
                 row[0]
                 for row in conn.execute(
                     "SELECT record ->> '$.id' FROM wm_entries WHERE id_key IN (SELECT value FROM json_each(?))",
-                    (json.dumps(list(keys.values())),),
+                    (json.dumps([entry.id_key for entry in batch.values()]),),
                 )
             }
             last = conn.execute("SELECT doc, ts_bound FROM wm_entries ORDER BY doc DESC LIMIT 1").fetchone()
@@ -264,24 +267,19 @@ class WmStore:
                 if entry.id in known:
                     continue
                 doc += 1
-                record = entry.canonical_bytes()
-                if entry.timestamp_s < bound:
-                    lateness = max(lateness, bound - entry.timestamp_s)
+                timestamp_s = entry.timestamp_s
+                if timestamp_s < bound:
+                    lateness = max(lateness, bound - timestamp_s)
                 else:
-                    bound = entry.timestamp_s
-                base_tags = 0
-                for tag in entry.tags:
-                    bit = _BASE_TAG_BITS.get(tag)
-                    if bit is None:
-                        tag_rows.append((tag, entry.timestamp_s, entry.seq, doc))
-                    else:
-                        base_tags |= bit
+                    bound = timestamp_s
+                for tag in entry.other_tags:
+                    tag_rows.append((tag, timestamp_s, entry.seq, doc))
                 entry_rows.append((
-                    doc, keys[entry.id], entry.seq, entry.timestamp_s, bound, entry.plan_id, entry.intent_id,
-                    entry.session_id, base_tags, entry.approx_tokens, record.decode("utf-8"),
+                    doc, entry.id_key, entry.seq, timestamp_s, bound, entry.plan_id, entry.intent_id,
+                    entry.session_id, entry.base_tags, entry.approx_tokens, entry.record,
                 ))
-                text_rows.append((doc, entry.title, entry.content, " ".join(entry.tags)))
-                added_sum += int.from_bytes(hashlib.sha256(record).digest(), "big")
+                text_rows.append((doc, entry.title, entry.content, entry.tag_text))
+                added_sum += entry.digest
                 added_tokens += entry.approx_tokens
             conn.executemany(_INSERT_ENTRY, entry_rows)
             conn.executemany("INSERT INTO wm_fts (rowid, title, content, tags) VALUES (?, ?, ?, ?)", text_rows)
@@ -595,6 +593,47 @@ def _check_format(conn: sqlite3.Connection, path: Path) -> None:
             f"{path}: Working Memory format {row[0]} is not supported (this version reads {FORMAT_VERSION}); "
             "remove the file and replay the ledger"
         )
+
+
+class PreparedEntry(NamedTuple):
+    """A WM entry encoded for the store: everything :meth:`WmStore.ingest_prepared` writes but the doc id."""
+
+    id: str
+    id_key: int
+    seq: int
+    timestamp_s: float
+    plan_id: str | None
+    intent_id: str | None
+    session_id: str | None
+    base_tags: int
+    other_tags: tuple[str, ...]
+    approx_tokens: int
+    record: str
+    digest: int
+    title: str
+    content: str
+    tag_text: str
+
+
+def prepare(entries: Iterable[WmEntry]) -> list[PreparedEntry]:
+    """Encode entries for :meth:`WmStore.ingest_prepared`: pure, so it can run in a worker process."""
+    out = []
+    for entry in entries:
+        record = entry.canonical_bytes()
+        base_tags = 0
+        other_tags = []
+        for tag in entry.tags:
+            bit = _BASE_TAG_BITS.get(tag)
+            if bit is None:
+                other_tags.append(tag)
+            else:
+                base_tags |= bit
+        out.append(PreparedEntry(
+            entry.id, _id_key(entry.id), entry.seq, entry.timestamp_s, entry.plan_id, entry.intent_id,
+            entry.session_id, base_tags, tuple(other_tags), entry.approx_tokens, record.decode("utf-8"),
+            int.from_bytes(hashlib.sha256(record).digest(), "big"), entry.title, entry.content, " ".join(entry.tags),
+        ))
+    return out
 
 
 def _id_key(entry_id: str) -> int:

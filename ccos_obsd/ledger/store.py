@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import sqlite3
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,15 @@ CREATE TABLE IF NOT EXISTS checkpoints (
 CREATE TABLE IF NOT EXISTS sink_cursors (
     name     TEXT PRIMARY KEY,
     next_seq INTEGER NOT NULL
+) STRICT;
+CREATE TABLE IF NOT EXISTS metrics_snapshot (
+    id            INTEGER PRIMARY KEY CHECK (id = 1),
+    format        INTEGER NOT NULL,
+    entries       INTEGER NOT NULL,
+    chain_hash    BLOB,
+    params        TEXT NOT NULL,
+    body          BLOB NOT NULL,
+    created_at_ms INTEGER NOT NULL
 ) STRICT;
 CREATE TABLE IF NOT EXISTS keys (
     key_id       TEXT PRIMARY KEY,
@@ -367,3 +377,42 @@ def latest_checkpoint(conn: sqlite3.Connection) -> StoredCheckpoint | None:
         return None
     size, root, note, key_id, at = row
     return StoredCheckpoint(size, Hash(bytes(root)), note, KeyId(key_id), at)
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsSnapshot:
+    """The metric aggregates as of ``entries`` entries (the last of them has ``chain_hash``)."""
+
+    format: int
+    entries: int
+    chain_hash: bytes | None
+    params: str
+    body: bytes
+
+
+def save_metrics_snapshot(conn: sqlite3.Connection, snapshot: MetricsSnapshot) -> None:
+    conn.execute(
+        "INSERT OR REPLACE INTO metrics_snapshot (id, format, entries, chain_hash, params, body, created_at_ms)"
+        " VALUES (1, ?, ?, ?, ?, ?, ?)",
+        (snapshot.format, snapshot.entries, snapshot.chain_hash, snapshot.params, snapshot.body,
+         int(time.time() * 1000)),
+    )
+
+
+def load_metrics_snapshot(conn: sqlite3.Connection) -> MetricsSnapshot | None:
+    """The stored snapshot, or None (also for a ledger from before snapshots existed)."""
+    try:
+        row = conn.execute(
+            "SELECT format, entries, chain_hash, params, body FROM metrics_snapshot WHERE id = 1"
+        ).fetchone()
+    except sqlite3.OperationalError:
+        return None
+    if row is None:
+        return None
+    fmt, entries, chain, params, body = row
+    return MetricsSnapshot(fmt, entries, None if chain is None else bytes(chain), params, bytes(body))
+
+
+def chain_hash_at(conn: sqlite3.Connection, seq: int) -> bytes | None:
+    row = conn.execute("SELECT chain_hash FROM entries WHERE seq = ?", (seq,)).fetchone()
+    return None if row is None else bytes(row[0])

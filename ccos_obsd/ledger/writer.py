@@ -163,6 +163,14 @@ class LedgerWriter:
         self._last_checkpoint_at = float("-inf")
         self.latest_checkpoint: str | None = None if latest is None else latest.note
         """The latest signed checkpoint note (read from other threads: one reference, swapped whole)."""
+        self._uncovered_since: float | None = None
+        if self._head.size > self._checkpointed_size:
+            self._uncovered_since = time.time() if latest is None else latest.created_at_ms / 1000
+
+    def checkpoint_age(self) -> float:
+        """Seconds the oldest entry no signed checkpoint covers has waited (0: all covered)."""
+        since = self._uncovered_since
+        return 0.0 if since is None else max(0.0, time.time() - since)
 
     @property
     def head(self) -> Head:
@@ -375,6 +383,8 @@ class LedgerWriter:
                     return False
                 if checkpoint is not None:
                     self._checkpoint_written(checkpoint)
+                elif self._uncovered_since is None:
+                    self._uncovered_since = time.time()
                 commit_seconds = time.perf_counter() - started
                 self._head = group.head_after
                 for new in group.new_entries:
@@ -575,6 +585,7 @@ class LedgerWriter:
 
     def _checkpoint_written(self, checkpoint: tuple[int, Hash, str]) -> None:
         self._checkpointed_size = checkpoint[0]
+        self._uncovered_since = None if checkpoint[0] >= self._tree.size else time.time()
         self._last_checkpoint_at = time.monotonic()
         self.latest_checkpoint = checkpoint[2]
 

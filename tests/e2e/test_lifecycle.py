@@ -379,3 +379,20 @@ def test_an_unusable_state_dir_is_a_configuration_error(state_dir: Path) -> None
     lines = result.stderr.decode().strip().splitlines()
     assert len(lines) == 1
     assert "state_dir" in lines[0]
+
+
+def test_a_ledger_of_another_format_is_a_start_up_failure(state_dir: Path) -> None:
+    import sqlite3
+
+    with running_daemon(state_dir):
+        pass
+    conn = sqlite3.connect(state_dir / "ledger.db")
+    try:
+        with conn:
+            conn.execute("UPDATE meta SET value = '2' WHERE key = 'format'")
+    finally:
+        conn.close()
+    started = run_cli("run", "--state-dir", str(state_dir), "--socket", str(state_dir / "s.sock"),
+                      "--http", "127.0.0.1:0")
+    assert started.returncode == 3, started.stderr
+    assert b"format 2" in started.stderr and b"Traceback" not in started.stderr

@@ -122,6 +122,14 @@ FAMILIES = [
     ("ccos_ledger_entries", "gauge"),
     ("ccos_commit_duration_seconds", "histogram"),
     ("ccos_ingest_requests_total", "counter"),
+    ("ccos_refused_frames_total", "counter"),
+    ("ccos_received_bytes_total", "counter"),
+    ("ccos_connections_open", "gauge"),
+    ("ccos_pending_appends", "gauge"),
+    ("ccos_commit_batch_entries", "histogram"),
+    ("ccos_checkpoint_age_seconds", "gauge"),
+    ("ccos_ledger_size_bytes", "gauge"),
+    ("ccos_metrics_label_overflow_total", "counter"),
     ("process_cpu_seconds_total", "counter"),
     ("process_resident_memory_bytes", "gauge"),
 ]
@@ -274,6 +282,31 @@ def test_openmetrics_on_request(populated: DaemonProcess) -> None:
     assert value(om, "ccos_capability_calls_total", capability=WEIRD, outcome="success") == 1
     assert f'capability="{WEIRD_ESCAPED}"' in text
     assert families["ccos_capability_duration_seconds"].type == "histogram"
+
+
+def test_duration_buckets_carry_exemplars_that_lead_to_the_entry(populated: DaemonProcess) -> None:
+    _, _, body = populated.get("/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+    families = {f.name: f for f in parse_openmetrics(body.decode("utf-8"))}
+    exemplars = [s.exemplar for s in families["ccos_capability_duration_seconds"].samples if s.exemplar]
+    assert exemplars
+    for exemplar in exemplars:
+        assert set(exemplar.labels) == {"action_id", "seq"}
+        status, _, entry = populated.get(f"/v1/entries/{exemplar.labels['seq']}")
+        assert status == 200
+        record = json.loads(entry)
+        assert record["entry"]["action_id"] == exemplar.labels["action_id"]
+        assert record["entry"]["duration_ms"] / 1000 == pytest.approx(exemplar.value)
+    function_exemplars = [s.exemplar for s in families["ccos_function_duration_seconds"].samples if s.exemplar]
+    assert function_exemplars
+
+
+def test_self_metrics_describe_the_process(values: Samples) -> None:
+    assert value(values, "ccos_refused_frames_total", code="invalid_action") == 1
+    assert value(values, "ccos_received_bytes_total") > 0
+    assert value(values, "ccos_ledger_size_bytes") > 0
+    assert value(values, "ccos_commit_batch_entries_count") == value(values, "ccos_commit_duration_seconds_count")
+    assert value(values, "ccos_commit_batch_entries_sum") == len(ACTIONS)
+    assert value(values, "ccos_checkpoint_age_seconds") >= 0
 
 
 # --- the other routes

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.daemon import DaemonProcess, run_cli
+from tests.daemon import DaemonProcess, run_cli, running_daemon
 
 
 def sample(daemon: DaemonProcess, name: str, **labels: str) -> float | None:
@@ -106,10 +108,22 @@ def test_wm_search_digest_and_a_rebuild_with_the_same_digest(state_dir: Path) ->
     assert run_cli("wm", "digest", "--state-dir", str(state_dir), env=env).stdout.decode().strip() == online
 
 
-def test_wm_search_says_when_working_memory_is_off(daemon: DaemonProcess) -> None:
-    with daemon.client() as client:
+def test_wm_search_says_when_working_memory_is_off(state_dir: Path) -> None:
+    with running_daemon(state_dir, env={"CCOS_OBSD_WM_ENABLED": "false"}) as daemon, daemon.client() as client:
         answer = client.request({"op": "wm_search", "text": "x"})
     assert answer["ok"] is False and answer["error"]["code"] == "unavailable"
+
+
+def test_working_memory_is_on_by_default_in_a_process_of_its_own(daemon: DaemonProcess) -> None:
+    started = next(x for x in daemon.log if isinstance(x, dict) and x.get("event") == "sink_host_started")
+    assert started["sinks"] == ["wm"] and started["pid"] != daemon.ready["pid"]
+    with daemon.client() as client:
+        client.append({"action_type": "PlanStarted", "plan_id": "default-wm", "metadata": {"note": "zebra"}})
+        deadline = time.monotonic() + 10
+        while not (found := client.request({"op": "wm_search", "plan_id": "default-wm"})).get("entries"):
+            assert time.monotonic() < deadline, found
+            time.sleep(0.02)
+    assert found["entries"][0]["meta"]["seq"] == 0
 
 
 INGEST = "observability.ingestor:v1.ingest"
@@ -184,3 +198,38 @@ def test_sigkill_before_the_sink_delivered_loses_nothing_and_duplicates_nothing(
                  and sample(daemon, "ccos_wm_entries") == acked, "WM to hold every entry exactly once", 60)
     finally:
         daemon.stop()
+
+
+def test_a_replay_through_the_daemon_reports_progress_and_reproduces_the_digest(state_dir: Path) -> None:
+    # More entries than wm_ops.REPLAY_INLINE: the replay runs in worker processes.
+    from ccos_obsd.wm_ops import REPLAY_INLINE
+
+    count = REPLAY_INLINE + 5_000
+    with running_daemon(state_dir) as daemon:
+        with daemon.client() as client:
+            for start in range(0, count, 1000):
+                answers = client.append_batch([
+                    {"action_type": "CapabilityCall", "function_name": f"tool.{n % 5}", "plan_id": f"p{n // 100}"}
+                    for n in range(start, start + 1000)
+                ])
+                assert all(a["ok"] for a in answers)
+            assert client.request({"op": "replay_status"}) == {"ok": True, "running": False}
+        wait_for(lambda: sample(daemon, "ccos_wm_entries") == count, "WM to hold every entry")
+        before = run_cli("wm", "digest", "--socket", str(daemon.socket_path)).stdout.decode().strip()
+        seen: list[dict[str, Any]] = []
+        answers: list[dict[str, Any]] = []
+        with daemon.client(timeout=300) as replaying, daemon.client() as watching:
+            replay = threading.Thread(target=lambda: answers.append(replaying.request({"op": "replay"})))
+            replay.start()
+            while replay.is_alive():
+                seen.append(watching.request({"op": "replay_status"}))
+            replay.join()
+        [answer] = answers
+        assert answer["ok"] is True and answer["scanned_actions"] == count and answer["ingested"] == count
+        running = [s for s in seen if s["running"]]
+        assert running, "the replay finished before a status arrived"
+        assert all(0 <= s["done"] <= s["total"] == count for s in running)
+        assert run_cli("wm", "digest", "--socket", str(daemon.socket_path)).stdout.decode().strip() == before
+        cli = run_cli("replay", "--socket", str(daemon.socket_path), "--from", str(count - 10))
+        assert cli.returncode == 0, cli.stderr
+        assert json.loads(cli.stdout)["scanned_actions"] == 10

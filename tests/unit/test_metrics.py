@@ -221,7 +221,7 @@ def test_snapshot_is_a_copy() -> None:
     aggregates = observed(action(function_name="f", duration_ms=1, cost=1))
     snap = aggregates.snapshot()
     aggregates.observe_entries([action(function_name="f", duration_ms=1, cost=1), action("PlanStarted")])
-    aggregates.observe_commit(0.001)
+    aggregates.observe_commit(0.001, 2)
     aggregates.count_request("append", "ok")
     assert snap.entries == 1
     assert snap.actions_by_type == {"CapabilityCall": 1}
@@ -233,8 +233,8 @@ def test_snapshot_is_a_copy() -> None:
 
 def test_commit_durations_and_requests() -> None:
     aggregates = Aggregates()
-    aggregates.observe_commit(0.002)
-    aggregates.observe_commit(0.2)
+    aggregates.observe_commit(0.002, 1)
+    aggregates.observe_commit(0.2, 1)
     aggregates.count_request("append", "ok")
     aggregates.count_request("append", "ok")
     aggregates.count_request("ping", "bad_json")
@@ -330,7 +330,7 @@ def aggregates() -> Aggregates:
         action("CapabilityResult", function_name="ccos.echo", result={"success": True}),
         action("PlanStarted", cost=1),
     )
-    aggregates.observe_commit(0.003)
+    aggregates.observe_commit(0.003, 1)
     aggregates.count_request("append", "ok")
     aggregates.count_request("append", "invalid_action")
     return aggregates

@@ -1,0 +1,366 @@
+"""Sinks in a process of their own, beside the daemon.
+
+Deriving and indexing Working Memory costs more Python time per entry than
+appending does; on the daemon's threads it would share one interpreter lock with
+the append path and halve ingest. So the daemon starts one child process, the
+sink host (``python -m ccos_obsd.sinks.host``), which runs a :class:`SinkRunner`
+per configured sink exactly as before: each pulls from the ledger database from
+its own durable cursor. Nothing is lost whatever either process does; at worst
+a sink is behind.
+
+The pipes between them:
+
+- the child's stdin: first one JSON line with the setup, then an empty line per
+  commit (a wake-up; the child reads the head from the database itself), and
+  ``{"stop": seconds}`` to catch up for at most that long and exit. End of file
+  (the daemon died) means exit without catching up.
+- a stats pipe (the child's fd 3): one JSON line per sink whenever its counters
+  changed (at most every ``STATS_INTERVAL_S``), and once more at exit.
+- the child's stdout and stderr are the daemon's: its log lines go where the
+  daemon's go.
+
+The daemon supervises the child: if it exits unexpectedly it is restarted with
+backoff, and counters carry on from where they were (they never go backwards).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import structlog
+
+from ccos_obsd.config import Config, SinkConfig
+from ccos_obsd.ledger import store
+from ccos_obsd.log import LogRing, configure_logging
+from ccos_obsd.metrics import Histogram, SinkView, WmView
+from ccos_obsd.sinks.base import DELIVERY_BUCKETS, Sink, SinkRunner
+from ccos_obsd.sinks.jsonl import JsonlSink
+from ccos_obsd.sinks.wm import WM_INGEST_BUCKETS, WmSink
+
+log = structlog.get_logger("ccos_obsd.sinks.host")
+
+STATS_FD = 3
+STATS_INTERVAL_S = 0.05
+RESTART_FIRST_S = 0.5
+RESTART_MAX_S = 30.0
+STOP_GRACE_S = 10.0
+"""Beyond the catch-up time: how long the child may take to finish its batch and exit."""
+
+
+def make_sink(sink_config: SinkConfig, max_entries: int = 0, max_tokens: int = 0) -> Sink:
+    """The sink a ``[[sinks]]`` table describes."""
+    if sink_config.type == "wm":
+        return WmSink(sink_config.name, sink_config.path, max_entries=max_entries, max_tokens=max_tokens)
+    return JsonlSink(sink_config.name, sink_config.path, max_bytes=sink_config.max_bytes, keep=sink_config.keep)
+
+
+# --- the daemon's side
+
+
+@dataclass
+class _Counters:
+    """One sink's counters as the daemon shows them: the current child's plus those of children before it."""
+
+    name: str
+    is_wm: bool
+    cursor: int = 0
+    delivered: int = 0
+    errors: int = 0
+    durations: Histogram = field(default_factory=lambda: Histogram(DELIVERY_BUCKETS))
+    wm_size: int = 0
+    wm_ingest: Histogram = field(default_factory=lambda: Histogram(WM_INGEST_BUCKETS))
+    # What earlier children reported, folded in when one exits.
+    base: tuple[int, int, Histogram, Histogram] | None = None
+
+
+class SinkHost:
+    """Starts, feeds, supervises and stops the sink host process; mirrors its counters."""
+
+    def __init__(self, config: Config, db: Path, head: Callable[[], int]) -> None:
+        self._config = config
+        self._db = db
+        self._head = head
+        self._lock = threading.Lock()
+        self._counters = {s.name: _Counters(s.name, s.type == "wm") for s in config.sinks}
+        self._process: subprocess.Popen[bytes] | None = None
+        self._wake_fd: int | None = None
+        self._reader: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._spawn_lock = threading.Lock()
+        self._restart_delay = RESTART_FIRST_S
+        self._read_cursors()
+
+    @property
+    def sink_names(self) -> list[str]:
+        return list(self._counters)
+
+    def start(self) -> None:
+        with self._spawn_lock:
+            self._stopping.clear()
+            self._spawn()
+
+    def restart(self, config: Config) -> None:
+        """Stop the child and start a new one with ``config``'s sinks (a reload: files are reopened)."""
+        self.stop()
+        self._config = config
+        for sink in config.sinks:
+            self._counters.setdefault(sink.name, _Counters(sink.name, sink.type == "wm"))
+        self._read_cursors()
+        self.start()
+
+    def notify(self) -> None:
+        """New entries were committed (writer thread): wake the child without ever blocking."""
+        fd = self._wake_fd
+        if fd is None:
+            return
+        with contextlib.suppress(BlockingIOError, BrokenPipeError, OSError):
+            os.write(fd, b"\n")  # a full pipe already holds wake-ups: dropping this one is fine
+
+    def stop(self, catch_up_s: float = 0.0) -> None:
+        """Have the child deliver what is committed (for at most ``catch_up_s``) and exit."""
+        with self._spawn_lock:  # no restart can begin after this
+            self._stopping.set()
+            process, fd = self._process, self._wake_fd
+        if process is None:
+            return
+        if fd is not None:
+            with contextlib.suppress(OSError):  # the child is gone already
+                _write_all(fd, json.dumps({"stop": catch_up_s}).encode() + b"\n")
+        try:
+            process.wait(timeout=catch_up_s + STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            log.warning("sink_host_killed", pid=process.pid, reason="did not exit in time")
+            process.kill()
+            process.wait()
+        if self._reader is not None:
+            self._reader.join()
+        self._close_wake()
+        self._process = None
+
+    def views(self) -> list[SinkView]:
+        head = self._head()
+        with self._lock:
+            return [
+                SinkView(c.name, max(0, head - c.cursor), c.delivered, c.errors, c.durations.copy())
+                for c in self._counters.values()
+            ]
+
+    def wm_view(self) -> WmView | None:
+        with self._lock:
+            for counters in self._counters.values():
+                if counters.is_wm:
+                    return WmView(counters.wm_size, counters.wm_ingest.copy())
+        return None
+
+    def _read_cursors(self) -> None:
+        conn = store.connect(self._db, readonly=False)
+        try:
+            for counters in self._counters.values():
+                row = conn.execute("SELECT next_seq FROM sink_cursors WHERE name = ?", (counters.name,)).fetchone()
+                counters.cursor = 0 if row is None else int(row[0])
+        finally:
+            conn.close()
+
+    def _spawn(self) -> None:
+        stats_read, stats_write = os.pipe()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "ccos_obsd.sinks.host"],
+            stdin=subprocess.PIPE,
+            pass_fds=(stats_write,),
+            env={**os.environ, "CCOS_OBSD_SINK_STATS_FD": str(stats_write)},
+        )
+        os.close(stats_write)
+        assert process.stdin is not None  # noqa: S101 - stdin=PIPE
+        wake_fd = process.stdin.fileno()
+        _write_all(wake_fd, json.dumps(self._setup()).encode() + b"\n")
+        os.set_blocking(wake_fd, False)
+        self._process = process
+        self._wake_fd = wake_fd
+        self._reader = threading.Thread(
+            target=self._read_stats, args=(process, os.fdopen(stats_read, "rb")), name="ccos-sink-host", daemon=True
+        )
+        self._reader.start()
+        log.info("sink_host_started", pid=process.pid, sinks=self.sink_names)
+
+    def _setup(self) -> dict[str, Any]:
+        config = self._config
+        return {
+            "db": str(self._db),
+            "log_level": config.log.level,
+            "wm": {"max_entries": config.wm.max_entries, "max_tokens": config.wm.max_tokens},
+            "sinks": [
+                {"type": s.type, "name": s.name, "batch": s.batch, "path": str(s.path),
+                 "max_bytes": s.max_bytes, "keep": s.keep}
+                for s in config.sinks
+            ],
+        }
+
+    def _read_stats(self, process: subprocess.Popen[bytes], stats: IO[bytes]) -> None:
+        with stats:
+            for line in stats:
+                try:
+                    self._update(json.loads(line))
+                except (ValueError, KeyError, TypeError) as exc:
+                    log.warning("sink_host_bad_stats", error=str(exc))
+        code = process.wait()
+        with self._lock:
+            for counters in self._counters.values():
+                counters.base = (counters.delivered, counters.errors, counters.durations.copy(),
+                                 counters.wm_ingest.copy())
+        if self._stopping.is_set():
+            log.info("sink_host_stopped", pid=process.pid, exit_code=code)
+            return
+        log.error("sink_host_exited", pid=process.pid, exit_code=code, restart_in_s=self._restart_delay)
+        if self._stopping.wait(self._restart_delay):
+            return
+        self._restart_delay = min(self._restart_delay * 2, RESTART_MAX_S)
+        with self._spawn_lock:
+            if self._stopping.is_set():
+                return
+            self._close_wake()
+            self._spawn()
+
+    def _update(self, report: dict[str, Any]) -> None:
+        with self._lock:
+            counters = self._counters[report["sink"]]
+            base_delivered, base_errors, base_durations, base_ingest = counters.base or (
+                0, 0, Histogram(DELIVERY_BUCKETS), Histogram(WM_INGEST_BUCKETS)
+            )
+            counters.cursor = int(report["cursor"])
+            counters.delivered = base_delivered + int(report["delivered"])
+            counters.errors = base_errors + int(report["errors"])
+            counters.durations = _merged(base_durations, report["durations"])
+            if report.get("wm") is not None:
+                counters.wm_size = int(report["wm"]["size"])
+                counters.wm_ingest = _merged(base_ingest, report["wm"]["ingest"])
+        if int(report["delivered"]):
+            self._restart_delay = RESTART_FIRST_S  # this child works
+
+    def _close_wake(self) -> None:
+        process = self._process
+        if process is not None and process.stdin is not None:
+            with contextlib.suppress(OSError):
+                process.stdin.close()
+        self._wake_fd = None
+
+
+def _merged(base: Histogram, reported: list[Any]) -> Histogram:
+    counts, total, count = reported
+    if len(counts) != len(base.counts):
+        raise ValueError("histogram from the sink host has other buckets")
+    return Histogram(base.bounds, [a + int(b) for a, b in zip(base.counts, counts, strict=True)],
+                     base.total + float(total), base.count + int(count))
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            written = os.write(fd, view)
+        except BlockingIOError:
+            time.sleep(0.001)  # a setup or stop line waiting for pipe space; rare and short
+            continue
+        view = view[written:]
+
+
+# --- the child's side
+
+
+class _Head:
+    """The ledger head as the database says (one read connection per runner thread)."""
+
+    def __init__(self, db: Path) -> None:
+        self._db = db
+        self._local = threading.local()
+        self._connections: list[Any] = []
+        self._lock = threading.Lock()
+
+    def __call__(self) -> int:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = store.connect(self._db, readonly=True)
+            with self._lock:
+                self._connections.append(conn)
+        return store.read_head(conn).size
+
+    def close(self) -> None:
+        for conn in self._connections:
+            conn.close()
+
+
+def _report(runner: SinkRunner) -> dict[str, Any]:
+    cursor, delivered, errors, durations = runner.stats.snapshot()
+    report: dict[str, Any] = {
+        "sink": runner.sink.name, "cursor": cursor, "delivered": delivered, "errors": errors,
+        "durations": [durations.counts, durations.total, durations.count], "wm": None,
+    }
+    sink = runner.sink
+    if isinstance(sink, WmSink):
+        ingest = sink.ingest_durations.copy()
+        report["wm"] = {"size": sink.size, "ingest": [ingest.counts, ingest.total, ingest.count]}
+    return report
+
+
+def child_main() -> int:
+    setup = json.loads(sys.stdin.buffer.readline())
+    configure_logging(setup["log_level"], LogRing(16))
+    db = Path(setup["db"])
+    head = _Head(db)
+    stats = os.fdopen(int(os.environ["CCOS_OBSD_SINK_STATS_FD"]), "w", buffering=1)
+    runners = []
+    for raw in setup["sinks"]:
+        sink_config = SinkConfig(raw["type"], raw["name"], raw["batch"], Path(raw["path"]),
+                                 raw["max_bytes"], raw["keep"])
+        sink = make_sink(sink_config, setup["wm"]["max_entries"], setup["wm"]["max_tokens"])
+        runners.append(SinkRunner(sink, db, head, batch_size=sink_config.batch))
+    for runner in runners:
+        runner.start()
+    done = threading.Event()
+    last: dict[str, Any] = {}
+
+    def publish() -> None:
+        for runner in runners:
+            report = _report(runner)
+            if last.get(runner.sink.name) != report:
+                last[runner.sink.name] = report
+                stats.write(json.dumps(report) + "\n")
+
+    def reporter() -> None:
+        while not done.wait(STATS_INTERVAL_S):
+            try:
+                publish()
+            except (BrokenPipeError, ValueError):
+                return  # the daemon is gone; stdin's end of file stops us
+
+    reporting = threading.Thread(target=reporter, name="ccos-sink-stats", daemon=True)
+    reporting.start()
+    catch_up_s = 0.0
+    for line in sys.stdin.buffer:
+        if line.strip():
+            catch_up_s = float(json.loads(line).get("stop", 0.0))
+            break
+        for runner in runners:
+            runner.notify()
+    for runner in runners:
+        runner.stop(catch_up_s=catch_up_s)
+    done.set()
+    reporting.join()
+    with contextlib.suppress(BrokenPipeError, ValueError):
+        publish()
+        stats.close()
+    head.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(child_main())
