@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit bench clean
+.PHONY: run test lint typecheck unit bench soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,8 +20,20 @@ test: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
-bench: $(STAMP)
+# matplotlib, for the plots, only where benchmarks run.
+BENCH_STAMP := $(VENV)/.installed-bench
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[test,lint,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench
+
+# The fault tests at length: 500 SIGKILLs under load, 5000 fuzzed examples per property
+# (`make test` runs 20 and 250). A failing crash run prints CCOS_CRASH_SEED to replay it.
+soak: $(STAMP)
+	CCOS_CRASH_ITERATIONS=500 CCOS_FUZZ_EXAMPLES=5000 $(BIN)/python -m pytest -q tests/e2e/test_crash.py tests/e2e/test_fuzz.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

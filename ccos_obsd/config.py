@@ -269,7 +269,7 @@ KEYS: dict[str, tuple[Any, Callable[[Any], Any]]] = {
     "socket.max_line_bytes": (1_048_576, _int_range(1024, 64 * 1_048_576)),
     "socket.max_batch": (10_000, _int_range(1, 1_000_000)),
     "socket.max_connections": (1024, _int_range(1, 100_000)),
-    "socket.max_inflight": (4096, _int_range(1, 1_000_000)),
+    "socket.max_inflight": (1024, _int_range(1, 1_000_000)),
     "socket.max_depth": (64, _int_range(2, 10_000)),
     "socket.allowed_uids": ([], _ids),
     "socket.allowed_gids": ([], _ids),

@@ -378,7 +378,8 @@ class LedgerWriter:
                 except sqlite3.Error as exc:
                     self._rollback()
                     log.error("ledger_write_failed", error=str(exc), entries=len(group.new_entries))
-                    self._fail(group, Unavailable(f"ledger write failed ({exc}); the action was not appended"))
+                    cause = _describe(exc)
+                    self._fail(group, Unavailable(f"ledger write failed ({cause}); the action was not appended"))
                     self._resync_head()
                     return False
                 if checkpoint is not None:
@@ -644,3 +645,9 @@ def _duplicate_or_conflict(
         f"action_id {action.action_id!r} is already in the ledger (seq {seq}) with different content",
         field="action_id",
     )
+
+
+def _describe(exc: sqlite3.Error) -> str:
+    """SQLite's message, with its extended code when it says more (SQLITE_IOERR_WRITE: EFBIG, EIO...)."""
+    name = getattr(exc, "sqlite_errorname", None)
+    return f"{exc}, {name}" if name else str(exc)

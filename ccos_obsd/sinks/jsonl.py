@@ -30,6 +30,7 @@ class JsonlSink:
 
     def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        _drop_cut_line(self.path)
         self._file = open(self.path, "ab")  # noqa: SIM115 - held open between batches
 
     def deliver(self, entries: Sequence[StoredEntry]) -> None:
@@ -61,3 +62,31 @@ class JsonlSink:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _drop_cut_line(path: Path) -> None:
+    """Cut a last line that a crash left without its newline: its batch is delivered again."""
+    try:
+        handle = open(path, "r+b")  # noqa: SIM115 - closed below
+    except FileNotFoundError:
+        return
+    with handle:
+        size = handle.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        handle.seek(size - 1)
+        if handle.read(1) == b"\n":
+            return
+        keep = 0
+        position = size
+        while position > 0 and not keep:
+            start = max(0, position - 65536)
+            handle.seek(start)
+            chunk = handle.read(position - start)
+            newline = chunk.rfind(b"\n")
+            if newline >= 0:
+                keep = start + newline + 1
+            position = start
+        handle.truncate(keep)
+        handle.flush()
+        os.fsync(handle.fileno())

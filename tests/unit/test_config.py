@@ -46,7 +46,7 @@ def test_defaults() -> None:
     assert config.socket.max_line_bytes == 1_048_576
     assert config.socket.max_batch == 10_000
     assert config.socket.max_connections == 1024
-    assert config.socket.max_inflight == 4096
+    assert config.socket.max_inflight == 1024
     assert config.socket.max_depth == 64
     assert config.http.enabled is True
     assert (config.http.host, config.http.port) == ("127.0.0.1", 9898)

@@ -51,3 +51,28 @@ def test_rotation_by_size_keeps_the_newest_files_and_loses_no_record(tmp_path: P
     assert all(p.stat().st_size <= 4096 for p in rotated)
     kept = [seq for p in rotated for seq in seqs(p)]
     assert kept == list(range(kept[0], 60))  # contiguous up to the newest: only the oldest files went
+
+
+def test_a_line_cut_by_a_crash_is_dropped_before_the_batch_is_written_again(tmp_path: Path) -> None:
+    path = tmp_path / "out.jsonl"
+    sink = JsonlSink("file", path)
+    sink.open()
+    sink.deliver(entries(3))
+    sink.close()
+    whole = path.read_bytes()
+    with open(path, "ab") as handle:  # the next batch, killed half-way through its write
+        handle.write(json.dumps(entries(1, start=3)[0].export_record()).encode()[:40])
+    sink.open()
+    sink.deliver(entries(2, start=3))  # the runner delivers from its cursor again
+    sink.close()
+    assert path.read_bytes().startswith(whole)
+    assert seqs(path) == [0, 1, 2, 3, 4]
+
+
+def test_a_file_of_one_cut_line_is_emptied(tmp_path: Path) -> None:
+    path = tmp_path / "out.jsonl"
+    path.write_bytes(b'{"seq": 0, "ent')
+    sink = JsonlSink("file", path)
+    sink.open()
+    sink.close()
+    assert path.read_bytes() == b""
