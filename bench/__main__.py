@@ -1,7 +1,9 @@
-"""Run every benchmark, print a Markdown table, write bench/results/latest.json.
+"""Run every benchmark, print a Markdown table, write bench/results/latest.json and PNG plots.
 
-``python -m bench`` (about 3 minutes) or ``python -m bench --quick`` (under a
-minute). See docs/performance.md for what each figure measures.
+``python -m bench`` (about 13 minutes on 2 cores) or ``python -m bench --quick``
+(about 4 minutes). See docs/performance.md for what each figure measures. The plots
+(``latest-*.png`` beside the results file) need matplotlib (``pip install -e
+'.[bench]'``; ``make bench`` installs it); without it they are skipped.
 """
 
 from __future__ import annotations
@@ -20,19 +22,25 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench import ingest, integrity, latency, memory
+from bench import ingest, integrity, latency, memory, render, startup, wm_lag
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LEVELS = ("warning", "info")
 SIZES: dict[str, dict[str, dict[str, Any]]] = {
     "full": {"ingest": {"count": 20_000, "warmup": 2_000, "repeats": 3},
+             "ingest_matrix": {"count": 20_000, "warmup": 2_000, "repeats": 3},
              "latency": {"seconds": 15.0, "floor_samples": 1_000},
-             "memory": {"small": 10_000, "large": 200_000}},
+             "memory": {"small": 10_000, "large": 200_000},
+             "startup": {"sizes": [10_000, 1_000_000]},
+             "wm": {"count": 100_000}},
     "quick": {"ingest": {"count": 10_000, "warmup": 1_000, "repeats": 1},
+              "ingest_matrix": {"count": 10_000, "warmup": 1_000, "repeats": 1},
               "latency": {"seconds": 4.0, "floor_samples": 300},
-              "memory": {"small": 10_000, "large": 50_000}},
+              "memory": {"small": 10_000, "large": 50_000},
+              "startup": {"sizes": [10_000, 100_000]},
+              "wm": {"count": 20_000}},
 }
-BENCHMARKS = ("ingest", "latency", "memory", "integrity")
+BENCHMARKS = ("ingest", "ingest_matrix", "latency", "memory", "integrity", "render", "startup", "wm")
 
 
 def machine() -> dict[str, Any]:
@@ -82,6 +90,16 @@ def table(results: dict[str, Any]) -> str:
         for level, run in figure["daemon"].items():
             rows.append(f"| {names[kind]} | {level} | {_rate(run)} | {_rate(floor)} | "
                         f"{run['ratio']:.2f} | >= {_n(figure['target'])} | {'yes' if run['meets_target'] else 'NO'} |")
+    matrix = results.get("ingest_matrix")
+    if matrix:
+        kinds = {"singles": "single appends", "batch500": "batches of 500"}
+        for cell in matrix["cells"]:
+            plural = "s" if cell["connections"] > 1 else ""
+            rows.append(
+                f"| ingest matrix: {cell['signing_mode']} signing, {kinds[cell['kind']]}, "
+                f"{cell['connections']} connection{plural} (actions/s) | {matrix['log_level']} | {_rate(cell)} | "
+                f"{_n(cell['floor_rate'])} | {cell['ratio']:.2f} | ratio >= {matrix['target_ratio']:g} | "
+                f"{'yes' if cell['meets_target'] else 'NO'} |")
     lat = results.get("latency")
     if lat:
         floor_ms = lat["floor"]["ms"]
@@ -93,6 +111,20 @@ def table(results: dict[str, Any]) -> str:
                 f"{ms['p50']:.2f} / {ms['p99']:.2f} / {ms['p99.9']:.2f} | {floor_text} | "
                 f"{run['p99_ratio_to_floor']:.1f} (p99) | p99 < {lat['target_p99_ms']:g} | "
                 f"{'yes' if run['meets_target'] else 'NO'} |")
+        sweep = lat.get("sweep")
+        for point in sweep["points"] if sweep else ():
+            ms = point["from_send_ms"]
+            if point["half_max"]:
+                what = f"half the max ({_n(sweep['max_rate'])}/s)"
+                target = f"p99 <= {sweep['target_p99_ms_at_half_max']:g}"
+                met = "yes" if sweep["meets_target"] else "NO"
+            else:
+                what, target, met = "fixed rate", "", ""
+            rows.append(
+                f"| ack latency sweep: {_n(point['offered_rate'])}/s offered, {what}, achieved "
+                f"{_n(point['achieved_rate'])}/s, p50 / p99 / p99.9 (ms) | {sweep['log_level']} | "
+                f"{ms['p50']:.2f} / {ms['p99']:.2f} / {ms['p99.9']:.2f} | {floor_text} | "
+                f"{ms['p99'] / floor_ms['p99']:.1f} (p99) | {target} | {met} |")
     mem = results.get("memory")
     if mem:
         small, large = f"{mem['small'] // 1000}k", f"{mem['large'] // 1000}k"
@@ -124,7 +156,7 @@ def table(results: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="smaller runs (under a minute)")
+    parser.add_argument("--quick", action="store_true", help="smaller runs (a few minutes)")
     parser.add_argument("--only", choices=BENCHMARKS, action="append", help="run only this benchmark (repeatable)")
     parser.add_argument("--levels", default=",".join(LEVELS), help="daemon log levels (default: warning,info)")
     parser.add_argument("--output", type=Path, default=RESULTS / "latest.json", help="results file")
@@ -135,18 +167,19 @@ def main(argv: list[str] | None = None) -> int:
     chosen = args.only or list(BENCHMARKS)
     results: dict[str, Any] = {"mode": mode, "machine": machine()}
     started = time.monotonic()
+    timings: dict[str, float] = {}
     for name in BENCHMARKS:
         if name not in chosen:
             continue
         print(f"running {name} ...", file=sys.stderr, flush=True)
-        if name == "integrity":
-            results[name] = integrity.run(quick=args.quick)
-            continue
-        module = {"ingest": ingest, "latency": latency, "memory": memory}[name]
-        results[name] = module.run(**sizes[name], levels=levels)
+        began = time.monotonic()
+        run_one(name, results, sizes.get(name, {}), quick=args.quick, levels=levels)
+        timings[name] = round(time.monotonic() - began, 1)
     results["machine"]["loadavg_end"] = os.getloadavg()
     results["runtime_seconds"] = time.monotonic() - started
+    results["benchmark_seconds"] = timings
     results["table_markdown"] = table(results)
+    results["plots"] = draw_plots(results, args.output)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=2) + "\n")
     info = results["machine"]
@@ -157,8 +190,62 @@ def main(argv: list[str] | None = None) -> int:
     if "integrity" in results:
         print()
         print(integrity.table(results["integrity"]))
+    for name, module in (("render", render), ("startup", startup)):
+        if name in results:
+            print()
+            print(module.table(results[name]))
+    if "wm" in results:
+        print()
+        print(wm_lag.report(results["wm"]))
+    for plot in results["plots"]:
+        print(f"plot: {plot}")
     print(f"results: {args.output}")
     return 0
+
+
+def max_single_rate(results: dict[str, Any]) -> tuple[float | None, str]:
+    """The maximum single-append rate over one connection at ``warning`` measured so far in this run."""
+    run = results.get("ingest", {}).get("singles", {}).get("daemon", {}).get("warning")
+    if run is not None:
+        return run["rate"], "ingest, singles, 1 connection, warning"
+    for cell in results.get("ingest_matrix", {}).get("cells", []):
+        if (cell["kind"], cell["connections"], cell["signing_mode"]) == ("singles", 1, "entry"):
+            return cell["rate"], "ingest matrix, entry signing, singles, 1 connection"
+    return None, ""
+
+
+def draw_plots(results: dict[str, Any], output: Path) -> list[str]:
+    """The PNG plots beside ``output`` (skipped, with a note, when matplotlib is missing)."""
+    try:
+        from bench import plots  # imported here: matplotlib is an optional dependency
+    except ModuleNotFoundError as exc:
+        print(f"plots skipped: {exc} (pip install -e '.[bench]', or make bench)", file=sys.stderr)
+        return []
+    return [str(path) for path in plots.write(results, output.parent, output.stem)]
+
+
+def run_one(name: str, results: dict[str, Any], size: dict[str, Any], *, quick: bool,
+            levels: tuple[str, ...]) -> None:
+    if name == "ingest_matrix":
+        results[name] = ingest.run_matrix(**size)
+        return
+    if name == "latency":
+        results[name] = latency.run(**size, levels=levels)
+        max_rate, source = max_single_rate(results)
+        results[name]["sweep"] = latency.sweep(seconds=size["seconds"], max_rate=max_rate, max_rate_source=source,
+                                               reuse=results[name]["daemon"].get(latency.SWEEP_LEVEL))
+        return
+    if name == "integrity":
+        results[name] = integrity.run(quick=quick)
+    elif name == "render":
+        results[name] = render.run(quick=quick)
+    elif name == "startup":
+        results[name] = startup.run(**size)
+    elif name == "wm":
+        results[name] = wm_lag.run(**size)
+    else:
+        module = {"ingest": ingest, "memory": memory}[name]
+        results[name] = module.run(**size, levels=levels)
 
 
 if __name__ == "__main__":

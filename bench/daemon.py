@@ -37,8 +37,12 @@ def free_port() -> int:
 class BenchDaemon:
     """``python -m ccos_obsd run`` on ``state_dir``, stdout to ``log_path``."""
 
-    def __init__(self, state_dir: Path, *, log_level: str = "info", log_path: Path | None = None) -> None:
+    def __init__(
+        self, state_dir: Path, *, log_level: str = "info", log_path: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.state_dir = state_dir
+        self.env = env or {}
         self.socket_path = state_dir / "ccos-obsd.sock"
         self.log_level = log_level
         self.log_path = log_path if log_path is not None else state_dir / f"daemon-{log_level}.log"
@@ -57,6 +61,7 @@ class BenchDaemon:
         self.http = f"127.0.0.1:{free_port()}"
         # Embedded defaults only: no config file or CCOS_OBSD_* overrides from the caller's environment.
         env = {k: v for k, v in os.environ.items() if not k.startswith("CCOS_OBSD_")}
+        env.update(self.env)  # the benchmark's own overrides
         command = [sys.executable, "-m", "ccos_obsd", "run", "--state-dir", str(self.state_dir),
                    "--socket", str(self.socket_path), "--http", self.http, "--log-level", self.log_level]
         started = time.monotonic()

@@ -20,6 +20,10 @@ like an action field take that field, the rest take the entry's bytes, hashes,
 key id and signature; ``time_ms`` is ``timestamp_ms`` (else ``recorded_at_ms``).
 A ``content_hash`` column, if the schema has one, gets the leaf hash (a 32-byte
 value like the real one, without the second canonical encoding).
+
+``signing_mode="checkpoint"`` is the floor of the daemon's checkpoint signing
+mode: the same loop without the per-entry signature (the column stays NULL, as
+the daemon stores it); the one checkpoint signature per interval is left out.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import os
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from operator import itemgetter
 from pathlib import Path
@@ -41,6 +46,10 @@ from ccos_obsd.ledger import store
 
 _CANONICAL = json.JSONEncoder(ensure_ascii=False, sort_keys=True, separators=(",", ":"), allow_nan=False).encode
 _CONTEXT = b"ccos-obsd/entry/v1\x00"
+
+
+def _no_signature(_message: bytes) -> None:
+    return None
 
 
 @dataclass
@@ -57,9 +66,12 @@ class FloorRun:
 class Floor:
     """A fresh ledger file and key; ``run`` appends request lines to it, as fast as one loop can."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, signing_mode: str = "entry") -> None:
+        if signing_mode not in ("entry", "checkpoint"):
+            raise ValueError(f"unknown signing mode {signing_mode!r}")
         self._conn = store.connect(store.ledger_path(directory), readonly=False)
-        self._sign = Ed25519PrivateKey.generate().sign
+        sign_entry = Ed25519PrivateKey.generate().sign
+        self._sign: Callable[[bytes], bytes | None] = sign_entry if signing_mode == "entry" else _no_signature
         self._key_id = "0badc0de"
         self._peer = {"uid": os.getuid(), "gid": os.getgid(), "pid": os.getpid()}
         self._seq = 0
@@ -134,10 +146,10 @@ class Floor:
         return latencies
 
 
-def floor_rate(lines: list[bytes], warmup: list[bytes], *, group: int) -> FloorRun:
+def floor_rate(lines: list[bytes], warmup: list[bytes], *, group: int, signing_mode: str = "entry") -> FloorRun:
     """The floor's rate over ``lines`` on a fresh ledger, after appending ``warmup``."""
     with tempfile.TemporaryDirectory(prefix="ccos-floor-") as directory:
-        floor = Floor(Path(directory))
+        floor = Floor(Path(directory), signing_mode=signing_mode)
         try:
             floor.run(warmup, group=group)
             return floor.run(lines, group=group)

@@ -3,8 +3,11 @@
 ``pipeline`` sends pre-encoded request lines over one connection from one
 thread (non-blocking socket, a selector), keeping at most ``window`` requests
 unanswered, and only counts answer lines while the clock runs; answers are
-parsed and checked after it stops. ``open_loop`` sends lines at a fixed rate
-regardless of answers and stamps each answer's arrival.
+parsed and checked after it stops. ``pipeline_many`` does the same over several
+connections from the same one thread and selector (no thread per connection:
+on 2 shared cores, threads would cost the daemon more CPU and add GIL hand-offs).
+``open_loop`` sends lines at a fixed rate regardless of answers and stamps each
+answer's arrival.
 """
 
 from __future__ import annotations
@@ -70,6 +73,75 @@ def pipeline(socket_path: Path, lines: list[bytes], *, window: int) -> PipelineR
         sock.close()
     answers = [json.loads(line) for line in b"".join(chunks).splitlines()]
     return PipelineRun(total, seconds, answers)
+
+
+class _Connection:
+    """One socket of ``pipeline_many``: its share of the lines, as one buffer, and its progress."""
+
+    def __init__(self, socket_path: Path, lines: list[bytes], window: int) -> None:
+        self.payload = memoryview(b"".join(lines))
+        self.ends: list[int] = []
+        offset = 0
+        for line in lines:
+            offset += len(line)
+            self.ends.append(offset)
+        self.total = len(lines)
+        self.window = window
+        self.sent_bytes = 0
+        self.received = 0
+        self.chunks: list[bytes] = []
+        self.writing = True
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(str(socket_path))
+        self.sock.setblocking(False)
+
+    def send_limit(self) -> int:
+        """Bytes that may be sent so far: up to the end of the last line the window allows."""
+        return self.ends[min(self.received + self.window, self.total) - 1]
+
+
+def pipeline_many(socket_path: Path, lines: list[bytes], *, connections: int, window: int) -> PipelineRun:
+    """``pipeline`` over ``connections`` sockets at once, line i on connection i mod ``connections``,
+    each keeping at most ``window`` requests unanswered; returns when every line is answered.
+
+    The clock runs from the first send to the last answer, over every connection.
+    """
+    shares = [lines[i::connections] for i in range(connections)]
+    conns = [_Connection(socket_path, share, window) for share in shares if share]
+    selector = selectors.DefaultSelector()
+    read_write = selectors.EVENT_READ | selectors.EVENT_WRITE
+    for conn in conns:
+        selector.register(conn.sock, read_write, conn)
+    unfinished = len(conns)
+    started = time.perf_counter()
+    try:
+        while unfinished:
+            for key, events in selector.select():
+                conn = key.data
+                if events & selectors.EVENT_READ:
+                    chunk = conn.sock.recv(_RECV)
+                    if not chunk:
+                        raise ConnectionError(f"daemon closed a connection after {conn.received} answers")
+                    conn.chunks.append(chunk)
+                    conn.received += chunk.count(b"\n")
+                    if conn.received >= conn.total:
+                        selector.unregister(conn.sock)
+                        unfinished -= 1
+                        continue
+                limit = conn.send_limit()
+                if events & selectors.EVENT_WRITE and limit > conn.sent_bytes:
+                    conn.sent_bytes += conn.sock.send(conn.payload[conn.sent_bytes:limit])
+                want_write = conn.sent_bytes < limit
+                if want_write != conn.writing:
+                    conn.writing = want_write
+                    selector.modify(conn.sock, read_write if want_write else selectors.EVENT_READ, conn)
+        seconds = time.perf_counter() - started
+    finally:
+        selector.close()
+        for conn in conns:
+            conn.sock.close()
+    answers = [json.loads(line) for conn in conns for line in b"".join(conn.chunks).splitlines()]
+    return PipelineRun(len(lines), seconds, answers)
 
 
 @dataclass

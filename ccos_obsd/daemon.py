@@ -41,6 +41,7 @@ from ccos_obsd.log import LogRing, action_log, configure_logging, lifecycle_log
 from ccos_obsd.metrics import SNAPSHOT_FORMAT, Aggregates, LedgerCollector, LiveGauges, SinkView, WmView
 from ccos_obsd.protocol import ConnectionRegistry, Dispatcher
 from ccos_obsd.reload import plan_reload
+from ccos_obsd.render import Renderer
 from ccos_obsd.sinks.host import SinkHost
 from ccos_obsd.systemd import Notifier, PassedSockets, watchdog_interval
 
@@ -174,12 +175,15 @@ class Daemon:
                 dispatcher.replay_wm = lambda start: self._replay_wm(db, writer, start)
             connections = ConnectionRegistry(config, dispatcher, self.gauges)
             registry = CollectorRegistry()
-            registry.register(LedgerCollector(
+            collector = LedgerCollector(
                 self.aggregates, self.gauges, lambda: writer.pending_actions, self._sink_views, self._wm_view,
                 writer.checkpoint_age,
                 (self._ledger_created, time.time()) if config.metrics.created_series else None,
-            ))
+            )
+            registry.register(collector)
             registry.register(ProcessCollector(registry=None))
+            renderer = Renderer(collector, registry)
+            renderer.start()
             runner: web.AppRunner | None = None
             server: asyncio.AbstractServer | None = None
             snapshots = asyncio.create_task(self._snapshot_metrics_periodically(db), name="metrics-snapshots")
@@ -189,7 +193,8 @@ class Daemon:
                 http_address = None
                 if config.http.enabled:
                     wm_file = next((s.path for s in config.sinks if s.type == "wm"), None)
-                    app = build_app(registry, render_pool, writer, self.log_ring, read, self.aggregates, wm_file)
+                    app = build_app(registry, render_pool, writer, self.log_ring, read, self.aggregates, wm_file,
+                                    renderer)
                     runner = web.AppRunner(app, access_log=None, handle_signals=False)
                     await runner.setup()
                     http_address = await self._bind_http(runner)
@@ -236,6 +241,7 @@ class Daemon:
                 await loop.run_in_executor(None, self._stop_sinks)
                 reader_pool.shutdown()
                 render_pool.shutdown()
+                await loop.run_in_executor(None, renderer.close)
                 for conn in self._reader_connections:
                     conn.close()
             lifecycle_log().info("daemon_stopped", entries=writer.head.size)

@@ -11,7 +11,7 @@ import json
 from collections.abc import Callable
 from concurrent.futures import Executor
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -24,6 +24,7 @@ from ccos_obsd.ledger.writer import LedgerWriter
 from ccos_obsd.log import LogRing
 from ccos_obsd.metrics import Aggregates
 from ccos_obsd.protocol import snapshot
+from ccos_obsd.render import Renderer
 
 ReadFn = Callable[[Callable[[Any], Any]], "asyncio.Future[Any]"]
 
@@ -46,6 +47,7 @@ AGGREGATES_KEY = web.AppKey("aggregates", Aggregates)
 
 
 WM_FILE_KEY = web.AppKey("wm_file", object)  # a Path, or None when Working Memory is off
+RENDERER_KEY = web.AppKey("renderer", object)  # a Renderer (its own process), or None: render on a thread here
 
 
 def build_app(
@@ -56,9 +58,11 @@ def build_app(
     read: ReadFn,
     aggregates: Aggregates,
     wm_file: Path | None = None,
+    renderer: Renderer | None = None,
 ) -> web.Application:
     app = web.Application(middlewares=[_errors])
     app[WM_FILE_KEY] = wm_file
+    app[RENDERER_KEY] = renderer
     app[REGISTRY_KEY] = registry
     app[RENDER_POOL_KEY] = render_pool
     app[WRITER_KEY] = writer
@@ -80,9 +84,17 @@ def build_app(
 
 
 async def metrics(request: web.Request) -> web.Response:
-    encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
-    registry = request.app[REGISTRY_KEY]
-    body = await asyncio.get_running_loop().run_in_executor(request.app[RENDER_POOL_KEY], encoder, registry)
+    accept = request.headers.get("Accept", "")
+    renderer = cast("Renderer | None", request.app[RENDERER_KEY])
+    if renderer is None:
+        encoder, content_type = choose_encoder(accept)
+        body = await asyncio.get_running_loop().run_in_executor(
+            request.app[RENDER_POOL_KEY], encoder, request.app[REGISTRY_KEY]
+        )
+    else:
+        body, content_type = await asyncio.get_running_loop().run_in_executor(
+            request.app[RENDER_POOL_KEY], renderer.render, accept
+        )
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 

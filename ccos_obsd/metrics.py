@@ -305,20 +305,32 @@ class Aggregates:
 
     # --- persistence of the ledger-derived part
 
-    def dump(self) -> dict[str, Any]:
-        """The ledger-derived aggregates as JSON-ready data; ``entries`` says what they cover."""
-        with self._lock:
-            return {
-                "entries": self.entries,
-                "cost_total": self.cost_total,
-                "actions_by_type": dict(self.actions_by_type),
-                "capabilities": {k: v.to_json() for k, v in self.capabilities.items()},
-                "capability_durations": {k: v.copy().to_json() for k, v in self.capability_durations.items()},
-                "functions": {k: v.to_json() for k, v in self.functions.items()},
-                "function_durations": {k: v.copy().to_json() for k, v in self.function_durations.items()},
-                "label_overflow": dict(self.label_overflow),
-                "unaggregatable": self.unaggregatable,
+    def dump(self, *, process: bool = False) -> dict[str, Any]:
+        """The ledger-derived aggregates as JSON-ready data; ``entries`` says what they cover.
+
+        With ``process``, also this process's own counters (for a render elsewhere).
+        Copies are taken under the lock; the conversion runs outside it.
+        """
+        snap = self.snapshot()
+        data: dict[str, Any] = {
+            "entries": snap.entries,
+            "cost_total": snap.cost_total,
+            "actions_by_type": snap.actions_by_type,
+            "capabilities": {k: v.to_json() for k, v in snap.capabilities.items()},
+            "capability_durations": {k: v.to_json() for k, v in snap.capability_durations.items()},
+            "functions": {k: v.to_json() for k, v in snap.functions.items()},
+            "function_durations": {k: v.to_json() for k, v in snap.function_durations.items()},
+            "label_overflow": snap.label_overflow,
+            "unaggregatable": snap.unaggregatable,
+        }
+        if process:
+            data["process"] = {
+                "commit_durations": snap.commit_durations.to_json(),
+                "commit_batches": snap.commit_batches.to_json(),
+                "ingest_requests": [[op, result, n] for (op, result), n in snap.ingest_requests.items()],
+                "refused": snap.refused,
             }
+        return data
 
     def load(self, data: Mapping[str, Any]) -> None:
         """Replace the ledger-derived aggregates with a :meth:`dump`; ValueError if it is malformed."""
@@ -339,6 +351,14 @@ class Aggregates:
                 "label_overflow": {str(k): int(v) for k, v in data["label_overflow"].items()},
                 "unaggregatable": int(data["unaggregatable"]),
             }
+            process = data.get("process")
+            if process is not None:
+                loaded.update({
+                    "commit_durations": Histogram.from_json(COMMIT_BUCKETS, process["commit_durations"]),
+                    "commit_batches": Histogram.from_json(COMMIT_BATCH_BUCKETS, process["commit_batches"]),
+                    "ingest_requests": {(str(op), str(result)): int(n) for op, result, n in process["ingest_requests"]},
+                    "refused": {str(k): int(v) for k, v in process["refused"].items()},
+                })
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"malformed metrics snapshot: {exc!r}") from None
         with self._lock:
@@ -360,6 +380,7 @@ class Aggregates:
                 ingest_requests=dict(self.ingest_requests),
                 refused=dict(self.refused),
                 label_overflow=dict(self.label_overflow),
+                unaggregatable=self.unaggregatable,
             )
 
 
@@ -377,6 +398,7 @@ class AggregatesSnapshot:
     ingest_requests: dict[tuple[str, str], int]
     refused: dict[str, int]
     label_overflow: dict[str, int]
+    unaggregatable: int
 
     def stats(self, *, capability: str | None = None, function: str | None = None) -> dict[str, Any]:
         """The ``stats`` op's answer body (CCOS's capability and function metrics)."""
@@ -445,6 +467,35 @@ class LedgerCollector(Collector):
         self._checkpoint_age = checkpoint_age
         self._created = created
         """(ledger's first entry, daemon start) in unix seconds: adds ``_created`` series when set."""
+
+    def state(self) -> dict[str, Any]:
+        """Everything :meth:`collect` reads, as JSON-ready data (for a render in another process)."""
+        gauges = self._gauges
+        wm = self._wm()
+        return {
+            "aggregates": self._aggregates.dump(process=True),
+            "buckets": list(self._aggregates.params["duration_buckets"]),
+            "gauges": [gauges.connections_open, gauges.bytes_received, gauges.ledger_bytes],
+            "pending_appends": self._pending_appends(),
+            "sinks": [[v.name, v.lag, v.delivered, v.errors, v.durations.to_json()] for v in self._sinks()],
+            "wm": None if wm is None else [wm.entries, wm.ingest_durations.to_json()],
+            "checkpoint_age": self._checkpoint_age(),
+            "created": self._created,
+        }
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any], sink_buckets: tuple[float, ...],
+                   wm_buckets: tuple[float, ...]) -> LedgerCollector:
+        """A collector that yields what the collector that made ``state`` would have yielded then."""
+        aggregates = Aggregates(tuple(state["buckets"]))
+        aggregates.load(state["aggregates"])
+        gauges = LiveGauges(*state["gauges"])
+        pending, age = state["pending_appends"], state["checkpoint_age"]
+        sinks = [SinkView(name, lag, delivered, errors, Histogram.from_json(sink_buckets, durations))
+                 for name, lag, delivered, errors, durations in state["sinks"]]
+        wm = None if state["wm"] is None else WmView(state["wm"][0], Histogram.from_json(wm_buckets, state["wm"][1]))
+        created = None if state["created"] is None else tuple(state["created"])
+        return cls(aggregates, gauges, lambda: pending, lambda: sinks, lambda: wm, lambda: age, created)
 
     def collect(self) -> Iterator[Metric]:
         if self._created is None:

@@ -159,3 +159,30 @@ def test_created_series_only_when_configured(state_dir: Path) -> None:
     duration = ("ccos_capability_duration_seconds_created", (("capability", "cap.0"),))
     assert created[duration] == first_entry_ms / 1000
     assert created[("ccos_received_bytes_created", ())] > first_entry_ms / 1000  # this process's start
+
+
+def renderer_pids(daemon: DaemonProcess) -> list[int]:
+    assert daemon.proc is not None
+    pids = []
+    for task in Path(f"/proc/{daemon.proc.pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+            if b"ccos_obsd.render" in cmdline:
+                pids.append(int(child))
+    return pids
+
+
+def test_metrics_render_in_a_process_of_their_own_that_is_replaced_when_it_dies(state_dir: Path) -> None:
+    import os
+    import signal
+
+    with running_daemon(state_dir) as daemon:
+        append_calls(daemon, 0, 20)
+        before = ledger_samples(daemon)
+        [renderer] = renderer_pids(daemon)
+        os.kill(renderer, signal.SIGKILL)
+        assert ledger_samples(daemon) == before  # the next scrape is answered all the same
+        [replacement] = renderer_pids(daemon)
+        assert replacement != renderer
+        append_calls(daemon, 20, 5)
+        assert ledger_samples(daemon)[("ccos_ledger_entries", ())] == 25
