@@ -130,6 +130,7 @@ def render_state(state: dict[str, Any], accept: str, daemon_pid: int) -> tuple[b
 
 
 def main() -> int:
+    os.nice(10)  # a scrape may wait a little; appends should not
     daemon_pid = int(sys.argv[1])
     requests, answers = sys.stdin.buffer, sys.stdout.buffer
     while line := requests.readline():

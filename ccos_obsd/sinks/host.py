@@ -53,6 +53,7 @@ STATS_FD = 3
 STATS_INTERVAL_S = 0.05
 RESTART_FIRST_S = 0.5
 RESTART_MAX_S = 30.0
+CHILD_NICENESS = 10
 STOP_GRACE_S = 10.0
 """Beyond the catch-up time: how long the child may take to finish its batch and exit."""
 
@@ -312,6 +313,9 @@ def _report(runner: SinkRunner) -> dict[str, Any]:
 
 
 def child_main() -> int:
+    # Appends come first: on a busy machine the kernel gives the daemon's threads the CPU
+    # and Working Memory the rest (it catches up from its cursor; nothing waits for it).
+    os.nice(CHILD_NICENESS)
     setup = json.loads(sys.stdin.buffer.readline())
     configure_logging(setup["log_level"], LogRing(16))
     db = Path(setup["db"])
