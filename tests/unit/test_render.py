@@ -50,7 +50,7 @@ def test_the_state_renders_as_the_collector_does(accept: str, created: tuple[flo
     registry = CollectorRegistry()
     registry.register(live)
     encoder, content_type = choose_encoder(accept)
-    state = pickle.loads(pickle.dumps(live.state()))  # as it crosses the pipe
+    state = pickle.loads(pickle.dumps(live.state()))  # noqa: S301 - as it crosses the pipe
     body, rendered_type = render_state(state, accept, os.getpid())
     assert rendered_type == content_type
     assert ccos_lines(body) == ccos_lines(encoder(registry))
