@@ -138,7 +138,10 @@ def rebuild(
         with WmStore(wm_file, durable=False) as wm:
             if start == 0:
                 wm.clear()
-            scanned, added = replay_range(wm, ledger_db, start, head, progress)
+                with wm.bulk_load():
+                    scanned, added = replay_range(wm, ledger_db, start, head, progress)
+            else:
+                scanned, added = replay_range(wm, ledger_db, start, head, progress)
         conn.execute("COMMIT")
     finally:
         conn.close()

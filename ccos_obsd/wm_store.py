@@ -123,6 +123,9 @@ _SCHEMA = (
     )""",
 )
 _TABLES = ("wm_entries", "wm_tags", "wm_fts", "wm_stats")
+_SEARCH_INDEXES = ("wm_by_time", "wm_by_plan", "wm_by_intent", "wm_by_session")
+FTS_AUTOMERGE = 4
+"""FTS5's default: merge segments as they accumulate (off only during a bulk load)."""
 _INSERT_ENTRY = (
     "INSERT INTO wm_entries (doc, id_key, seq, timestamp_s, ts_bound, plan_id, intent_id, session_id, base_tags,"
     " approx_tokens, record) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -188,6 +191,7 @@ class WmStore:
             _check_format(conn, self.path)
             for statement in _SCHEMA:
                 conn.execute(statement)
+            conn.execute("INSERT INTO wm_fts (wm_fts, rank) VALUES ('automerge', ?)", (FTS_AUTOMERGE,))
             conn.execute("COMMIT")
         except BaseException:
             conn.close()
@@ -318,6 +322,30 @@ class WmStore:
             removed_sum = self._delete(conn, victims)
             self._add_stats(conn, -len(victims), -freed_tokens, -removed_sum)
         return len(victims)
+
+    @contextmanager
+    def bulk_load(self) -> Iterator[None]:
+        """For a rebuild into an empty store: the search indexes and FTS5 merging wait for the end.
+
+        Inside, the plan, intent, session and time indexes do not exist (ingest needs
+        only the id index) and FTS5 does not merge its segments as it goes; at the end
+        the indexes are built once, sorted, and the full-text index is optimized into
+        one segment. A crash inside leaves a store that the next open repairs (the
+        schema creates missing indexes; automerge is set at every open).
+        """
+        self._check_writable()
+        conn = self._conn
+        conn.execute("INSERT INTO wm_fts (wm_fts, rank) VALUES ('automerge', 0)")
+        for name in _SEARCH_INDEXES:
+            conn.execute(f"DROP INDEX IF EXISTS {name}")
+        try:
+            yield
+        finally:
+            with self._transaction() as txn:
+                for statement in _SCHEMA:
+                    txn.execute(statement)
+                txn.execute("INSERT INTO wm_fts (wm_fts) VALUES ('optimize')")
+                txn.execute("INSERT INTO wm_fts (wm_fts, rank) VALUES ('automerge', ?)", (FTS_AUTOMERGE,))
 
     def clear(self) -> None:
         """Remove every entry (before a rebuild from the ledger)."""

@@ -676,3 +676,40 @@ def test_a_file_that_is_not_a_store_is_refused_and_left_alone(tmp_path: Path) ->
     with sqlite3.connect(path) as conn:
         assert conn.execute("SELECT name FROM sqlite_schema").fetchall() == [("entries",)]
     conn.close()
+
+
+def test_a_bulk_load_ends_with_the_same_store_as_ingesting_as_usual(tmp_path: Path) -> None:
+    entries = [wm(n, plan_id=f"plan-{n % 3}", function_name=f"tool.{n % 4}") for n in range(60)]
+    with WmStore(tmp_path / "usual.db") as usual:
+        for start in range(0, 60, 7):
+            usual.ingest(entries[start:start + 7])
+        expected = (usual.digest(), usual.search(text="tool.1", limit=100), usual.search(plan_id="plan-2"))
+    with WmStore(tmp_path / "bulk.db") as bulk:
+        with bulk.bulk_load():
+            for start in range(0, 60, 7):
+                bulk.ingest(entries[start:start + 7])
+            assert bulk.ingest(entries[:5]) == 0  # ids are still checked inside
+        assert (bulk.digest(), bulk.search(text="tool.1", limit=100), bulk.search(plan_id="plan-2")) == expected
+    conn = sqlite3.connect(tmp_path / "bulk.db")
+    try:
+        indexes = {name for (name,) in conn.execute("SELECT name FROM sqlite_schema WHERE type = 'index'")}
+        automerge = conn.execute("SELECT v FROM wm_fts_config WHERE k = 'automerge'").fetchone()
+    finally:
+        conn.close()
+    assert set(wm_store._SEARCH_INDEXES) <= indexes
+    assert automerge == (wm_store.FTS_AUTOMERGE,)
+
+
+def test_a_store_left_inside_a_bulk_load_is_repaired_when_opened(tmp_path: Path) -> None:
+    path = tmp_path / "wm.db"
+    with WmStore(path) as store:
+        store.ingest([wm(0, plan_id="p")])
+        conn = store._conn
+        conn.execute("INSERT INTO wm_fts (wm_fts, rank) VALUES ('automerge', 0)")
+        for name in wm_store._SEARCH_INDEXES:
+            conn.execute(f"DROP INDEX {name}")
+    with WmStore(path) as reopened:
+        assert seqs(reopened.search(plan_id="p")) == [0]
+        indexes = {name for (name,) in reopened._conn.execute("SELECT name FROM sqlite_schema WHERE type = 'index'")}
+        assert set(wm_store._SEARCH_INDEXES) <= indexes
+        assert reopened._conn.execute("SELECT v FROM wm_fts_config WHERE k = 'automerge'").fetchone() == (4,)
