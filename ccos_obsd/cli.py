@@ -415,8 +415,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from ccos_obsd.daemon import state_dir_lock
 
     if args.socket is not None:
-        with _connect(args) as client, _RemoteProgress(args, _connect(args)):
+        with _connect(args) as client, _RemoteProgress(args, _connect(args)) as progress:
             answer = client.request({"op": "replay", "from": args.start})
+            progress.finish(answer.get("scanned_actions"))
         if not answer.get("ok"):
             raise UsageError(RemoteError.from_answer(answer).message)
         answer.pop("ok")
@@ -428,8 +429,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     db = store.ledger_path(config.state_dir)
     if not db.exists():
         raise UsageError(f"no ledger in {config.state_dir}")
-    progress = _progress(args)
-    progress.desc = "replay"
+    progress = _progress(args, "replay")
     os.umask(0o077)
     with state_dir_lock(config.state_dir):
         conn = store.connect(db, readonly=True)
@@ -674,20 +674,19 @@ class _NoProgress:
         pass
 
 
-def _progress(args: argparse.Namespace) -> Any:
+def _progress(args: argparse.Namespace, desc: str = "verify") -> Any:
     if args.quiet or not sys.stderr.isatty():
         return _NoProgress()
     from tqdm import tqdm
 
-    return tqdm(unit=" entries", unit_scale=True, file=sys.stderr, desc="verify")
+    return tqdm(unit=" entries", unit_scale=True, file=sys.stderr, desc=desc)
 
 
 class _RemoteProgress:
     """A progress bar for work the daemon does: polls ``replay_status`` on a second connection."""
 
     def __init__(self, args: argparse.Namespace, client: Client, interval_s: float = 0.2) -> None:
-        self._bar = _progress(args)
-        self._bar.desc = "replay"
+        self._bar = _progress(args, "replay")
         self._client = client
         self._interval_s = interval_s
         self._done = threading.Event()
@@ -697,6 +696,15 @@ class _RemoteProgress:
         if not isinstance(self._bar, _NoProgress):
             self._thread.start()
         return self
+
+    def finish(self, done: int | None) -> None:
+        """The replay answered: stop polling and show its final count."""
+        self._done.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        if isinstance(done, int) and not isinstance(self._bar, _NoProgress):
+            self._bar.total = max(done, self._bar.total or 0)
+            self._bar.update(done - self._bar.n)
 
     def __exit__(self, *exc: object) -> None:
         self._done.set()

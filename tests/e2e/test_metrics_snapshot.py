@@ -186,3 +186,24 @@ def test_metrics_render_in_a_process_of_their_own_that_is_replaced_when_it_dies(
         assert replacement != renderer
         append_calls(daemon, 20, 5)
         assert ledger_samples(daemon)[("ccos_ledger_entries", ())] == 25
+
+
+def checkpoint_age(daemon: DaemonProcess) -> float:
+    for family in text_string_to_metric_families(daemon.metrics()):
+        if family.name == "ccos_checkpoint_age_seconds":
+            return float(family.samples[0].value)
+    raise AssertionError("no ccos_checkpoint_age_seconds")
+
+
+def test_checkpoint_age_is_how_long_uncovered_entries_have_waited(state_dir: Path) -> None:
+    with running_daemon(state_dir, env={"CCOS_OBSD_CHECKPOINT_INTERVAL": "3600"}) as daemon:
+        assert checkpoint_age(daemon) == 0.0  # nothing to cover
+        append_calls(daemon, 0, 1)  # the first group is checkpointed at once
+        assert checkpoint_age(daemon) == 0.0
+        append_calls(daemon, 1, 1)  # the next checkpoint is an hour away
+        first = checkpoint_age(daemon)
+        deadline = time.monotonic() + 5
+        while (later := checkpoint_age(daemon)) <= first:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert 0 < first < later < 60

@@ -233,3 +233,42 @@ def test_a_replay_through_the_daemon_reports_progress_and_reproduces_the_digest(
         cli = run_cli("replay", "--socket", str(daemon.socket_path), "--from", str(count - 10))
         assert cli.returncode == 0, cli.stderr
         assert json.loads(cli.stdout)["scanned_actions"] == 10
+        # On a terminal, the CLI draws the daemon's progress (it polls replay_status).
+        bar = replay_on_a_terminal(daemon)
+        assert "replay" in bar and "25.0k/25.0k" in bar and "verify" not in bar, bar
+
+
+def replay_on_a_terminal(daemon: DaemonProcess) -> str:
+    """What `ccos-obsd replay --socket` writes to a terminal on its standard error."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # rows, columns
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "ccos_obsd", "replay", "--socket", str(daemon.socket_path)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=terminal, timeout=300, check=False,
+        )
+        os.close(terminal)
+        terminal = -1
+        assert done.returncode == 0
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # EIO: the terminal side is closed and drained
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(controller)
+        if terminal >= 0:
+            os.close(terminal)
+    return b"".join(chunks).decode(errors="replace")
