@@ -98,6 +98,8 @@ class SinkHost:
         self._reader: threading.Thread | None = None
         self._stopping = threading.Event()
         self._spawn_lock = threading.Lock()
+        self._wake_lock = threading.Lock()
+        """Held to write to, replace or close the wake-up pipe: a closed fd's number is soon reused."""
         self._restart_delay = RESTART_FIRST_S
         self._read_cursors()
 
@@ -121,22 +123,20 @@ class SinkHost:
 
     def notify(self) -> None:
         """New entries were committed (writer thread): wake the child without ever blocking."""
-        fd = self._wake_fd
-        if fd is None:
-            return
-        with contextlib.suppress(BlockingIOError, BrokenPipeError, OSError):
-            os.write(fd, b"\n")  # a full pipe already holds wake-ups: dropping this one is fine
+        with self._wake_lock, contextlib.suppress(BlockingIOError, BrokenPipeError, OSError):
+            if self._wake_fd is not None:
+                os.write(self._wake_fd, b"\n")  # a full pipe already holds wake-ups: dropping one is fine
 
     def stop(self, catch_up_s: float = 0.0) -> None:
         """Have the child deliver what is committed (for at most ``catch_up_s``) and exit."""
         with self._spawn_lock:  # no restart can begin after this
             self._stopping.set()
-            process, fd = self._process, self._wake_fd
+            process = self._process
         if process is None:
             return
-        if fd is not None:
-            with contextlib.suppress(OSError):  # the child is gone already
-                _write_all(fd, json.dumps({"stop": catch_up_s}).encode() + b"\n")
+        with self._wake_lock, contextlib.suppress(OSError):  # OSError: the child is gone already
+            if self._wake_fd is not None:
+                _write_all(self._wake_fd, json.dumps({"stop": catch_up_s}).encode() + b"\n")
         try:
             process.wait(timeout=catch_up_s + STOP_GRACE_S)
         except subprocess.TimeoutExpired:
@@ -186,7 +186,8 @@ class SinkHost:
         _write_all(wake_fd, json.dumps(self._setup()).encode() + b"\n")
         os.set_blocking(wake_fd, False)
         self._process = process
-        self._wake_fd = wake_fd
+        with self._wake_lock:
+            self._wake_fd = wake_fd
         self._reader = threading.Thread(
             target=self._read_stats, args=(process, os.fdopen(stats_read, "rb")), name="ccos-sink-host", daemon=True
         )
@@ -249,10 +250,11 @@ class SinkHost:
 
     def _close_wake(self) -> None:
         process = self._process
-        if process is not None and process.stdin is not None:
-            with contextlib.suppress(OSError):
-                process.stdin.close()
-        self._wake_fd = None
+        with self._wake_lock:
+            self._wake_fd = None
+            if process is not None and process.stdin is not None:
+                with contextlib.suppress(OSError):
+                    process.stdin.close()
 
 
 def _merged(base: Histogram, reported: list[Any]) -> Histogram:
@@ -263,12 +265,15 @@ def _merged(base: Histogram, reported: list[Any]) -> Histogram:
                      base.total + float(total), base.count + int(count))
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(fd: int, data: bytes, within_s: float = 5.0) -> None:
     view = memoryview(data)
+    deadline = time.monotonic() + within_s
     while view:
         try:
             written = os.write(fd, view)
         except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise OSError("the sink host does not read its input") from None
             time.sleep(0.001)  # a setup or stop line waiting for pipe space; rare and short
             continue
         view = view[written:]
