@@ -1,10 +1,12 @@
 """The daemon's lifecycle: open the state dir, start the writer, serve, drain, close.
 
 Start-up order: lock the state dir, load (or create) the signing key, check the
-ledger's tail and latest checkpoint (``selfcheck``), open the ledger, fold the
-existing entries into the metric aggregates, start the writer, bind the socket
-and the HTTP port, log ``daemon_ready``. Shutdown (SIGTERM or SIGINT) runs it
-backwards: stop accepting, answer every request already read, commit, close.
+ledger's tail and latest checkpoint (``selfcheck``), open the ledger, load the
+metrics snapshot and fold in the entries after it, start the writer, the sink
+host process (``sinks.host``) and the renderer process (``render``), bind the
+socket and the HTTP port (or take systemd's), log ``daemon_ready``. Shutdown
+(SIGTERM or SIGINT) runs it backwards: stop accepting, answer every request
+already read, commit, snapshot the metrics, let the sinks catch up, close.
 """
 
 from __future__ import annotations
@@ -366,7 +368,7 @@ class Daemon:
             reason = f"covers {snapshot.entries} entries, the ledger has {head.size}"
         elif snapshot.entries and store.chain_hash_at(conn, snapshot.entries - 1) != snapshot.chain_hash:
             reason = f"its chain hash does not match the ledger's at seq {snapshot.entries - 1}"
-        elif snapshot.params != json.dumps(self.aggregates.params, sort_keys=True):
+        elif snapshot.params != self._snapshot_params():
             reason = "metrics.duration_buckets or metrics.max_label_values changed"
         else:
             try:
@@ -393,7 +395,7 @@ class Daemon:
             try:
                 chain = store.chain_hash_at(conn, entries - 1) if entries else None
                 store.save_metrics_snapshot(conn, store.MetricsSnapshot(
-                    SNAPSHOT_FORMAT, entries, chain, json.dumps(self.aggregates.params, sort_keys=True),
+                    SNAPSHOT_FORMAT, entries, chain, self._snapshot_params(),
                     json.dumps(body, separators=(",", ":")).encode(),
                 ))
             finally:
@@ -403,6 +405,10 @@ class Daemon:
             return
         self._snapshot_saved_at = entries
         log.debug("metrics_snapshot_saved", entries=entries)
+
+    def _snapshot_params(self) -> str:
+        """The aggregates' settings as stored beside a snapshot: a snapshot of other settings is rebuilt."""
+        return json.dumps(self.aggregates.params, sort_keys=True)
 
     async def _snapshot_metrics_periodically(self, db: Path) -> None:
         loop = asyncio.get_running_loop()

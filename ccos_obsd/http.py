@@ -1,7 +1,7 @@
 """The read-only HTTP side: /metrics, /healthz and a small JSON read API.
 
-Every route is GET (aiohttp answers 405 to anything else). Renders and ledger
-reads run off the event loop.
+Every route is GET (aiohttp answers 405 to anything else). Ledger reads run off
+the event loop; /metrics is rendered by the renderer process (``ccos_obsd.render``).
 """
 
 from __future__ import annotations

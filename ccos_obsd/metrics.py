@@ -3,8 +3,10 @@
 Nothing here reads the ledger at scrape time: the writer thread folds each
 committed entry into :class:`Aggregates` (O(1) per entry), and
 :class:`LedgerCollector` turns a copy of that in-memory state into metric
-families. At start-up the daemon folds the existing ledger in once, so totals
-survive restarts.
+families (in the renderer process, ``ccos_obsd.render``, from
+:meth:`LedgerCollector.state`). The ledger-derived part is snapshotted into the
+ledger database (:meth:`Aggregates.dump`), so at start-up the daemon loads the
+snapshot and folds in only the entries after it.
 """
 
 from __future__ import annotations

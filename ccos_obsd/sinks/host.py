@@ -43,7 +43,7 @@ from ccos_obsd.config import Config, SinkConfig
 from ccos_obsd.ledger import store
 from ccos_obsd.log import LogRing, configure_logging
 from ccos_obsd.metrics import Histogram, SinkView, WmView
-from ccos_obsd.sinks.base import DELIVERY_BUCKETS, Sink, SinkRunner
+from ccos_obsd.sinks.base import DELIVERY_BUCKETS, Sink, SinkRunner, read_cursor
 from ccos_obsd.sinks.jsonl import JsonlSink
 from ccos_obsd.sinks.wm import WM_INGEST_BUCKETS, WmSink
 
@@ -167,8 +167,7 @@ class SinkHost:
         conn = store.connect(self._db, readonly=False)
         try:
             for counters in self._counters.values():
-                row = conn.execute("SELECT next_seq FROM sink_cursors WHERE name = ?", (counters.name,)).fetchone()
-                counters.cursor = 0 if row is None else int(row[0])
+                counters.cursor = read_cursor(conn, counters.name)
         finally:
             conn.close()
 
@@ -257,12 +256,11 @@ class SinkHost:
                     process.stdin.close()
 
 
-def _merged(base: Histogram, reported: list[Any]) -> Histogram:
-    counts, total, count = reported
-    if len(counts) != len(base.counts):
-        raise ValueError("histogram from the sink host has other buckets")
-    return Histogram(base.bounds, [a + int(b) for a, b in zip(base.counts, counts, strict=True)],
-                     base.total + float(total), base.count + int(count))
+def _merged(base: Histogram, reported: Any) -> Histogram:
+    """``base`` plus a histogram the sink host reported (``Histogram.to_json``; same buckets)."""
+    other = Histogram.from_json(base.bounds, reported)
+    return Histogram(base.bounds, [a + b for a, b in zip(base.counts, other.counts, strict=True)],
+                     base.total + other.total, base.count + other.count)
 
 
 def _write_all(fd: int, data: bytes, within_s: float = 5.0) -> None:
@@ -308,12 +306,11 @@ def _report(runner: SinkRunner) -> dict[str, Any]:
     cursor, delivered, errors, durations = runner.stats.snapshot()
     report: dict[str, Any] = {
         "sink": runner.sink.name, "cursor": cursor, "delivered": delivered, "errors": errors,
-        "durations": [durations.counts, durations.total, durations.count], "wm": None,
+        "durations": durations.to_json(), "wm": None,
     }
     sink = runner.sink
     if isinstance(sink, WmSink):
-        ingest = sink.ingest_durations.copy()
-        report["wm"] = {"size": sink.size, "ingest": [ingest.counts, ingest.total, ingest.count]}
+        report["wm"] = {"size": sink.size, "ingest": sink.ingest_durations.copy().to_json()}
     return report
 
 

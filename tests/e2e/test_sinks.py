@@ -272,3 +272,32 @@ def replay_on_a_terminal(daemon: DaemonProcess) -> str:
         if terminal >= 0:
             os.close(terminal)
     return b"".join(chunks).decode(errors="replace")
+
+
+def sink_host_pid(daemon: DaemonProcess) -> int:
+    assert daemon.proc is not None
+    for task in Path(f"/proc/{daemon.proc.pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            if b"ccos_obsd.sinks.host" in Path(f"/proc/{child}/cmdline").read_bytes():
+                return int(child)
+    raise AssertionError("no sink host process")
+
+
+def test_a_sink_host_that_dies_is_restarted_and_its_counters_never_go_back(state_dir: Path) -> None:
+    import os
+    import signal
+
+    with running_daemon(state_dir) as daemon:
+        with daemon.client() as client:
+            client.append_batch([{"action_type": "PlanStarted", "plan_id": f"p{n}"} for n in range(50)])
+        wait_for(lambda: sample(daemon, "ccos_sink_delivered_total", sink="wm") == 50, "the first 50 delivered")
+        first = sink_host_pid(daemon)
+        os.kill(first, signal.SIGKILL)
+        daemon.wait_for_event("sink_host_exited")
+        with daemon.client() as client:
+            client.append_batch([{"action_type": "PlanStarted", "plan_id": f"q{n}"} for n in range(30)])
+        wait_for(lambda: sample(daemon, "ccos_wm_entries") == 80, "WM to hold all 80 entries")
+        assert sink_host_pid(daemon) != first
+        assert sample(daemon, "ccos_sink_lag_entries", sink="wm") == 0
+        # Counters carry on from the dead host's: at least every entry, never reset to the new host's own.
+        assert sample(daemon, "ccos_sink_delivered_total", sink="wm") >= 80
