@@ -4,13 +4,20 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit bench soak clean
+.PHONY: tools run test lint typecheck unit bench soak clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml | tools
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test,lint]'
 	touch $(STAMP)
+
+# The Debian packages missing for `make run` (python3-venv), and for `make test` those every
+# test uses too (prometheus, sqlite3, socat, ...): scripts/ensure-tools installs them when run
+# as root, and otherwise stops naming the apt-get command. It runs before the venv is made,
+# which needs python3-venv, and only once per make: one list, one apt-get update.
+tools:
+	@PYTHON=$(PYTHON) scripts/ensure-tools $(if $(filter test,$(MAKECMDGOALS)),test,run)
 
 run: $(STAMP)
 	$(BIN)/ccos-obsd run --config config/ccos-obsd.toml

@@ -32,8 +32,8 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bench.workload import make_actions
-from ccos_obsd.actions import ValidatedAction, new_action_id
 from ccos_obsd.ledger import proofs, store
+from ccos_obsd.ledger.entry import ValidatedAction, new_action_id
 from ccos_obsd.ledger.keys import SigningKey
 from ccos_obsd.ledger.verify import CheckpointRecord, KeyRange, KeyRing, verify_entries
 from ccos_obsd.ledger.writer import LedgerWriter

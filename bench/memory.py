@@ -27,8 +27,8 @@ from bench.daemon import BenchDaemon
 from bench.ingest import BATCH, BATCH_WINDOW
 from bench.wire import check_answers, pipeline
 from bench.workload import batch_lines, make_actions
-from ccos_obsd.daemon import KEY_FILE
 from ccos_obsd.ledger import store
+from ccos_obsd.statedir import KEY_FILE
 
 CHUNK = 10_000
 """Actions generated and sent at a time (keeps the benchmark process small too)."""

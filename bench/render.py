@@ -35,7 +35,8 @@ from bench.daemon import BenchDaemon
 from bench.latency import percentile
 from bench.wire import check_answers, open_loop
 from bench.workload import make_actions, single_lines
-from ccos_obsd.metrics import DEFAULT_DURATION_BUCKETS, Aggregates, LedgerCollector, LiveGauges
+from ccos_obsd.metrics.aggregates import DEFAULT_DURATION_BUCKETS, Aggregates, LiveGauges
+from ccos_obsd.metrics.collector import LedgerCollector
 
 OUTCOMES = ({"success": True}, {"success": False})
 TARGETS = {"per_series_ratio": 1.0, "size_ratio": 1.2}

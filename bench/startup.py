@@ -29,8 +29,8 @@ from typing import Any
 
 from bench.daemon import BenchDaemon
 from bench.integrity import build
-from ccos_obsd.daemon import KEY_FILE
 from ccos_obsd.ledger.keys import replace_signing_key
+from ccos_obsd.statedir import KEY_FILE
 
 TARGET_READY_S = 2.0
 TARGET_RSS_RATIO = 1.3

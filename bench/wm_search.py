@@ -42,8 +42,8 @@ from ccos_obsd.ledger.canonical import canonical_bytes
 from ccos_obsd.ledger.hashing import CHAIN_ROOT, chain_hash, leaf_hash
 from ccos_obsd.ledger.keys import KeyId
 from ccos_obsd.ledger.store import StoredEntry
-from ccos_obsd.wm import WmEntry, derive_wm_entry
-from ccos_obsd.wm_store import WmStore
+from ccos_obsd.wm.derive import WmEntry, derive_wm_entry
+from ccos_obsd.wm.store import WmStore
 
 CHUNK = 10_000
 PLACEHOLDER_SIGNATURE = bytes(range(64))

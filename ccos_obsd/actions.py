@@ -2,20 +2,21 @@
 
 A validated action keeps exactly the fields the client sent (an explicit
 ``null`` counts as absent), plus a generated ``action_id`` when none was given.
-Its canonical bytes are the "content" that duplicate detection compares.
+Its canonical bytes are the "content" that duplicate detection compares. The
+:class:`~ccos_obsd.ledger.entry.ValidatedAction` type itself lives with the ledger
+entries, so the ledger never imports this module.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
-from ccos_obsd.errors import InvalidAction
-from ccos_obsd.ledger.canonical import NotCanonicalizable, canonical_bytes
+from ccos_obsd.errors import InvalidAction, NotCanonicalizable
+from ccos_obsd.ledger.canonical import canonical_bytes
+from ccos_obsd.ledger.entry import KEY_ROTATED, ValidatedAction, new_action_id
 
 ACTION_TYPES = frozenset(
     (
@@ -37,8 +38,6 @@ ACTION_TYPES = frozenset(
 )
 """The CCOS ActionType names (causal chain sources and SEP-003)."""
 
-KEY_ROTATED = "KeyRotated"
-"""Written by the daemon itself when it changes signing keys; clients cannot send it."""
 SELF_CHECK_FAILED = "SelfCheckFailed"
 """Written by the daemon itself when it starts despite a failed start-up self-check."""
 RESERVED_TYPES = frozenset({KEY_ROTATED, SELF_CHECK_FAILED})
@@ -59,32 +58,6 @@ _ID_FIELDS = (
     "function_name",
 )
 _RESULT_FIELDS = frozenset({"success", "value", "metadata"})
-
-
-@dataclass(frozen=True, slots=True)
-class ValidatedAction:
-    """Action fields ready for the ledger."""
-
-    fields: dict[str, Any]
-    client_action_id: bool
-    """Whether the client named the action_id (only then can it be a duplicate)."""
-
-    @property
-    def action_id(self) -> str:
-        return str(self.fields["action_id"])
-
-    def content(self) -> bytes:
-        """The canonical bytes of the action's fields: what duplicate detection compares."""
-        return canonical_bytes(self.fields, keys_checked=True)
-
-
-DAEMON_FIELDS = ("v", "seq", "recorded_at_ms", "peer")
-"""Entry fields the daemon adds; not part of an action's content."""
-
-
-def content_of_entry(entry: dict[str, Any]) -> bytes:
-    """The content of the action an entry records (its fields minus the daemon's)."""
-    return canonical_bytes({k: v for k, v in entry.items() if k not in DAEMON_FIELDS})
 
 
 def _id_string(name: str, value: Any) -> str:
@@ -206,15 +179,6 @@ def validate_action(
     return ValidatedAction(fields, client_action_id)
 
 
-def new_action_id() -> str:
-    """A random (version 4) UUID string, without uuid.uuid4()'s object overhead."""
-    n = int.from_bytes(os.urandom(16), "big")
-    n = (n & ~(0xF000 << 64)) | (4 << 76)  # version 4
-    n = (n & ~(0xC000 << 48)) | (0x8000 << 48)  # RFC 4122 variant
-    h = f"{n:032x}"
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
-
-
 def _action_type(value: Any, allow_custom_types: bool) -> str:
     if not isinstance(value, str):
         raise InvalidAction(f"action_type must be a string, not {_json_type(value)}", field="action_type")
@@ -242,14 +206,3 @@ def _json_type(value: Any) -> str:
     if isinstance(value, dict):
         return "an object"
     return type(value).__name__
-
-
-def outcome(fields: Mapping[str, Any]) -> str:
-    """``success``, ``failure`` or ``unknown``: from ``result.success``, else ``success``."""
-    result = fields.get("result")
-    flag = result.get("success") if isinstance(result, dict) else None
-    if flag is None:
-        flag = fields.get("success")
-    if flag is None:
-        return "unknown"
-    return "success" if flag else "failure"

@@ -17,25 +17,33 @@ import sys
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeAlias
 
 from ccos_obsd import __version__
 from ccos_obsd.client import Client
 from ccos_obsd.config import ENV_CONFIG_FILE, Config, load_config, prepare_paths
-from ccos_obsd.errors import BackupError, ConfigError, RemoteError, StartupError, VerificationError
+from ccos_obsd.errors import (
+    BackupError,
+    ConfigError,
+    KeyFormatError,
+    NoteError,
+    ProofError,
+    RemoteError,
+    StartupError,
+    UsageError,
+    VerificationError,
+)
 from ccos_obsd.ledger import store
 from ccos_obsd.ledger.hashing import Hash
-from ccos_obsd.ledger.keys import KeyFormatError, KeyId, VerifierKey
-from ccos_obsd.ledger.merkle import ProofError
-from ccos_obsd.ledger.note import NoteError, verify_tlog_proof
+from ccos_obsd.ledger.keys import KeyId, VerifierKey
+from ccos_obsd.ledger.note import verify_tlog_proof
 from ccos_obsd.ledger.verify import CheckpointRecord, KeyRange, KeyRing, verify_entries
 from ccos_obsd.systemd import PassedSockets, listen_fds
 
 EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, EXIT_STARTUP = 0, 1, 2, 3
 
-
-class UsageError(Exception):
-    """Wrong or missing arguments (exit 2)."""
+# What add_subparsers returns: argparse has no public name for it.
+Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -69,7 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"ccos-obsd {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # --help lists the commands in this order.
+    for add_command in (_add_run, _add_send, _add_export, _add_verify, _add_keys, _add_prove,
+                        _add_wm, _add_replay, _add_backup, _add_query, _add_demo):
+        add_command(commands)
+    return parser
 
+
+def _add_run(commands: Commands) -> None:
     run = commands.add_parser("run", help="run the daemon in the foreground",
                               description="Run the daemon in the foreground until SIGTERM or SIGINT.")
     _config_args(run)
@@ -81,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "damaged; the finding is appended to the ledger as a SelfCheckFailed entry")
     run.set_defaults(func=cmd_run)
 
+
+def _add_send(commands: Commands) -> None:
     send = commands.add_parser("send", help="send NDJSON actions or requests, print the answers",
                                description="Send each line of FILE (or stdin) as a request; a line without "
                                "\"op\" is an action to append. Prints one answer per line; exit 1 if any "
@@ -90,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("files", nargs="*", metavar="FILE", help="NDJSON files ('-' or none: stdin)")
     send.set_defaults(func=cmd_send)
 
+
+def _add_export(commands: Commands) -> None:
     export = commands.add_parser("export", help="print the ledger as export records (NDJSON)",
                                  description="Print one export record per entry (see docs/format.md). "
                                  "Reads the state dir read-only; works while the daemon runs.")
@@ -99,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("-o", "--output", type=Path, metavar="FILE", help="write to FILE instead of stdout")
     export.set_defaults(func=cmd_export)
 
+
+def _add_verify(commands: Commands) -> None:
     verify = commands.add_parser("verify", help="check every hash and signature",
                                  description="Recompute every leaf and chain hash and check every signature, "
                                  "from the state dir or an export file. Exit 0 when intact; exit 1 naming "
@@ -119,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="check a tlog-proof (from `prove`) against the verifier keys, without the ledger")
     verify.set_defaults(func=cmd_verify)
 
+
+def _add_keys(commands: Commands) -> None:
     keys = commands.add_parser("keys", help="print the verifier keys (signed-note vkeys)",
                                description="Print each key of the key ring as a signed-note verifier key, "
                                "one per line; --verbose adds the seq range each key signed.")
@@ -131,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_argument("--verbose", "-v", action="store_true", help="also print each key's seq range")
     keys.set_defaults(func=cmd_keys)
 
+
+def _add_prove(commands: Commands) -> None:
     prove = commands.add_parser("prove", help="print an inclusion or consistency proof",
                                 description="Print a C2SP tlog-proof that an entry is in the log (with the "
                                 "entry's bytes and the latest signed checkpoint: `verify --proof` checks it "
@@ -145,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="OLD [NEW]: tree size OLD is a prefix of NEW (default: the current size)")
     prove.set_defaults(func=cmd_prove)
 
+
+def _add_wm(commands: Commands) -> None:
     wm = commands.add_parser("wm", help="Working Memory: search it or print its digest",
                              description="Search Working Memory (one JSON object per entry, newest first) or "
                              "print its digest. Asks the running daemon, or reads --state-dir when given.")
@@ -161,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     wm.add_argument("--limit", type=int, default=50, metavar="N")
     wm.set_defaults(func=cmd_wm)
 
+
+def _add_replay(commands: Commands) -> None:
     replay = commands.add_parser("replay", help="rebuild Working Memory from the ledger",
                                  description="Replay the ledger into Working Memory through the WM sink's "
                                  "derivation (from scratch, or --from SEQ), with a progress bar. Offline: the "
@@ -172,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--quiet", action="store_true", help="no progress bar")
     replay.set_defaults(func=cmd_replay)
 
+
+def _add_backup(commands: Commands) -> None:
     backup = commands.add_parser("backup", help="a consistent copy of the state dir, also while the daemon runs",
                                  description="Copy the ledger and Working Memory (SQLite's online backup: one "
                                  "consistent snapshot each, also while the daemon writes) and the signing key "
@@ -183,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     backup.add_argument("dest", type=Path, metavar="DEST", help="the directory to create (or an empty one)")
     backup.set_defaults(func=cmd_backup)
 
+
+def _add_query(commands: Commands) -> None:
     query = commands.add_parser("query", help="query the ledger (NDJSON records)",
                                 description="Print matching entries, oldest first (--desc: newest first), "
                                 "from the running daemon, or read-only from --state-dir when given.")
@@ -200,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--desc", action="store_true", help="newest first")
     query.set_defaults(func=cmd_query)
 
+
+def _add_demo(commands: Commands) -> None:
     demo = commands.add_parser("demo", help="send a realistic agent workload (for dashboards and trials)",
                                description="Append a simulated agent workload through the socket: sessions "
                                "with intents, plans, steps, capability calls (a dozen capabilities, skewed "
@@ -213,7 +248,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--run-id", metavar="ID",
                       help="prefix of every id, and metadata.run_id (default: demo-<random>)")
     demo.set_defaults(func=cmd_demo)
-    return parser
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -322,7 +356,9 @@ def cmd_query(args: argparse.Namespace) -> int:
     if args.offline or args.state_dir is not None:
         conn = _open_ledger(args)
         try:
-            records = [e.query_record() for e in store.query_entries(conn, filters)]
+            from ccos_obsd.ops import parse_entry_query
+
+            records = [e.query_record() for e in store.query_entries(conn, parse_entry_query(filters))]
         finally:
             conn.close()
     else:
@@ -364,7 +400,7 @@ def cmd_prove(args: argparse.Namespace) -> int:
 def _prove_offline(args: argparse.Namespace) -> dict[str, Any]:
     from ccos_obsd.errors import RequestError, Unavailable
     from ccos_obsd.ledger import proofs
-    from ccos_obsd.protocol import snapshot
+    from ccos_obsd.ledger.store import snapshot
 
     conn = _open_ledger(args)
     try:
@@ -382,8 +418,10 @@ def _prove_offline(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_wm(args: argparse.Namespace) -> int:
-    from ccos_obsd import wm_ops
+    from ccos_obsd.config import default_wm_sink
     from ccos_obsd.errors import RequestError
+    from ccos_obsd.ops import parse_wm_search
+    from ccos_obsd.wm import store as wm_store
 
     filters: dict[str, Any] = {"limit": args.limit}
     for key, value in (("text", args.text), ("tags", args.tags), ("since", args.since), ("until", args.until),
@@ -392,9 +430,12 @@ def cmd_wm(args: argparse.Namespace) -> int:
             filters[key] = value
     if args.state_dir is not None:
         config = _load(args)
-        path = next((s.path for s in config.sinks if s.type == "wm"), config.state_dir / "wm.db")
+        path = (config.wm_sink or default_wm_sink(config.state_dir)).path
         try:
-            answer = wm_ops.digest(path) if args.action == "digest" else {"entries": wm_ops.search(path, filters)}
+            if args.action == "digest":
+                answer = wm_store.digest(path)
+            else:
+                answer = {"entries": wm_store.search(path, parse_wm_search(filters))}
         except RequestError as exc:
             raise UsageError(exc.message) from None
     else:
@@ -411,8 +452,9 @@ def cmd_wm(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from ccos_obsd import wm_ops
-    from ccos_obsd.daemon import state_dir_lock
+    from ccos_obsd.config import default_wm_sink
+    from ccos_obsd.statedir import state_dir_lock
+    from ccos_obsd.wm.replay import rebuild
 
     if args.socket is not None:
         with _connect(args) as client, _RemoteProgress(args, _connect(args)) as progress:
@@ -424,8 +466,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         print(json.dumps(answer))
         return EXIT_OK
     config = _load(args)
-    sink = next((s for s in config.sinks if s.type == "wm"), None)
-    path = sink.path if sink is not None else config.state_dir / "wm.db"
+    sink = config.wm_sink or default_wm_sink(config.state_dir)
     db = store.ledger_path(config.state_dir)
     if not db.exists():
         raise UsageError(f"no ledger in {config.state_dir}")
@@ -435,8 +476,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         conn = store.connect(db, readonly=True)
         progress.total = max(0, store.read_head(conn).size - args.start)
         conn.close()
-        result = wm_ops.rebuild(db, path, start=args.start, sink_name=sink.name if sink else "wm",
-                                progress=progress.update)
+        result = rebuild(db, sink.path, start=args.start, sink_name=sink.name, progress=progress.update)
     progress.close()
     print(json.dumps({"mode": "replay", **result}))
     return EXIT_OK
@@ -521,9 +561,9 @@ def _rotate_key(args: argparse.Namespace) -> int:
 
 def _rotate_offline(config: Config) -> dict[str, Any]:
     """Rotate on a stopped daemon's state dir, through the same writer code path."""
-    from ccos_obsd.daemon import key_path, state_dir_lock
     from ccos_obsd.ledger.keys import load_or_create_signing_key
     from ccos_obsd.ledger.writer import AppendResult, LedgerWriter
+    from ccos_obsd.statedir import key_path, state_dir_lock
 
     if not store.ledger_path(config.state_dir).exists():
         raise UsageError(f"no ledger in {config.state_dir}")

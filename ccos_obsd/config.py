@@ -17,11 +17,12 @@ from typing import Any, Literal
 
 from ccos_obsd.errors import ConfigError
 from ccos_obsd.log import LEVELS
-from ccos_obsd.metrics import DEFAULT_DURATION_BUCKETS
+from ccos_obsd.metrics.aggregates import DEFAULT_DURATION_BUCKETS
 
 ENV_PREFIX = "CCOS_OBSD_"
 ENV_CONFIG_FILE = "CCOS_OBSD_CONFIG"
 SOCKET_FILE = "ccos-obsd.sock"
+WM_FILE = "wm.db"
 _MAX_UNIX_PATH = 107
 
 
@@ -124,6 +125,22 @@ class Config:
     wm: WmConfig
     sinks: tuple[SinkConfig, ...]
     backup: BackupConfig = BackupConfig(allow_socket=False)
+
+    @property
+    def wm_sink(self) -> SinkConfig | None:
+        """The Working Memory sink (the first of type ``wm``), or None when ``wm.enabled`` is off."""
+        return next((sink for sink in self.sinks if sink.type == "wm"), None)
+
+    @property
+    def wm_path(self) -> Path | None:
+        """The Working Memory store file, or None when ``wm.enabled`` is off."""
+        sink = self.wm_sink
+        return None if sink is None else sink.path
+
+
+def default_wm_sink(state_dir: Path) -> SinkConfig:
+    """The Working Memory sink when the config names none: ``wm.db`` in the state dir."""
+    return SinkConfig(type="wm", name="wm", batch=1000, path=state_dir / WM_FILE)
 
 
 # --- the keys: name -> (default, parser). Parsers take a value from TOML or from a
@@ -393,7 +410,7 @@ def _sinks(raw: Any, state_dir: Path, wm_enabled: bool) -> tuple[SinkConfig, ...
             keep = _int_range(0, 1000)(table.get("keep", 5))
         except ValueError as exc:
             raise ConfigError(where, str(exc)) from None
-        default_path = state_dir / ("wm.db" if kind == "wm" else f"{name}.jsonl")
+        default_path = state_dir / (WM_FILE if kind == "wm" else f"{name}.jsonl")
         if kind == "jsonl" and "path" not in table:
             raise ConfigError(f"{where}.path", "a jsonl sink needs a path")
         try:
@@ -404,7 +421,7 @@ def _sinks(raw: Any, state_dir: Path, wm_enabled: bool) -> tuple[SinkConfig, ...
             continue
         sinks.append(SinkConfig(type=kind, name=name, batch=batch, path=path, max_bytes=max_bytes, keep=keep))
     if wm_enabled and not any(s.type == "wm" for s in sinks):
-        sinks.insert(0, SinkConfig(type="wm", name="wm", batch=1000, path=state_dir / "wm.db"))
+        sinks.insert(0, default_wm_sink(state_dir))
     return tuple(sinks)
 
 

@@ -26,6 +26,14 @@ class StartupError(ObsdError):
     """The daemon cannot start: state dir locked, unsafe key permissions, ..."""
 
 
+class SystemdEnvironmentError(ObsdError, ValueError):
+    """$LISTEN_FDS and friends are present but malformed."""
+
+
+class UsageError(ObsdError):
+    """A command line's arguments are wrong or missing (``ccos-obsd`` exits 2)."""
+
+
 class BackupError(ObsdError):
     """A backup cannot be made: the destination is unusable or there is nothing to copy."""
 
@@ -69,6 +77,21 @@ class InvalidRequest(RequestError):
 
     code = "invalid_request"
 
+    @classmethod
+    def check_string(cls, value: Any, field: str) -> str:
+        """``value`` if it is a string SQLite can bind (UTF-8 encodable), else this error naming ``field``."""
+        if not isinstance(value, str):
+            raise cls(f"{field} must be a string", field=field)
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise cls(f"{field} is not valid Unicode (lone surrogate)", field=field) from None
+        return value
+
+
+class WmQueryError(InvalidRequest):
+    """A Working Memory search argument is unusable (``field`` names it)."""
+
 
 class InvalidAction(RequestError):
     code = "invalid_action"
@@ -106,6 +129,34 @@ class Internal(RequestError):
     code = "internal"
 
 
+class NotCanonicalizable(ObsdError, ValueError):
+    """The value holds something canonical JSON cannot express."""
+
+
+class KeyFormatError(ObsdError, ValueError):
+    """A verifier or signer key string is malformed."""
+
+
+class ProofError(ObsdError):
+    """An inclusion or consistency proof does not verify, or its arguments cannot."""
+
+
+class NoteError(ObsdError):
+    """A signed note, checkpoint or tlog proof is malformed or does not verify."""
+
+
+class MalformedNoteError(NoteError):
+    """The text does not follow the format (note, checkpoint or tlog proof)."""
+
+
+class NoteSignatureError(NoteError):
+    """A signature by a known key does not verify: the note was altered or forged."""
+
+
+class UntrustedNoteError(NoteError):
+    """No known key signed the note (or, for a checkpoint, not the log's key)."""
+
+
 class VerificationError(ObsdError):
     """The ledger or an export is not intact; ``seq`` names the first bad entry."""
 
@@ -114,6 +165,22 @@ class VerificationError(ObsdError):
         self.seq = seq
         self.kind = kind
         self.detail = detail
+
+
+class WmDerivationError(ObsdError):
+    """A stored entry is not a JSON object with an action_id and an action_type."""
+
+    def __init__(self, seq: int, problem: str) -> None:
+        super().__init__(f"seq {seq}: cannot derive a Working Memory entry: {problem}")
+        self.seq = seq
+        self.problem = problem
+
+    def __reduce__(self) -> tuple[type[WmDerivationError], tuple[int, str]]:
+        return WmDerivationError, (self.seq, self.problem)  # crosses from replay's worker processes
+
+
+class WmReadOnlyError(ObsdError):
+    """A write was attempted on a Working Memory store opened with ``WmStore.open_readonly``."""
 
 
 class RemoteError(ObsdError):

@@ -12,8 +12,9 @@ import logging
 import sys
 import threading
 from collections import deque
+from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 import structlog
 
@@ -101,6 +102,47 @@ class ActionLog:
 
 
 _action_log = ActionLog(False, None)
+
+
+class Committed(Protocol):
+    """What the action log reads of a committed entry (``ledger.writer.CommittedEntry``)."""
+
+    @property
+    def seq(self) -> int: ...
+
+    @property
+    def fields(self) -> dict[str, Any]: ...
+
+
+_LOGGED_FIELDS = ("action_type", "action_id", "function_name", "intent_id", "plan_id", "step_id", "session_id")
+
+
+def action_log_event(action_type: str, fields: dict[str, Any]) -> str:
+    """CCOS's structured-log event name for an appended action."""
+    if action_type == "CapabilityResult":
+        return "capability_result_recorded"
+    if action_type.startswith("Plan"):
+        return "plan_event"
+    if action_type.startswith("Delegation"):
+        return "delegation_event"
+    if "result" in fields:
+        return "action_result_recorded"
+    return "action_appended"
+
+
+def log_committed(entries: Sequence[Committed]) -> None:
+    """One action log line per committed entry, the group's lines in one write (a commit listener)."""
+    actions_log = _action_log
+    if not actions_log.enabled:
+        return
+    events = []
+    for entry in entries:
+        fields = entry.fields
+        context = {key: fields[key] for key in _LOGGED_FIELDS if key in fields}
+        context["seq"] = entry.seq
+        context["timestamp"] = fields["timestamp_ms"] if "timestamp_ms" in fields else fields["recorded_at_ms"]
+        events.append((action_log_event(fields["action_type"], fields), context))
+    actions_log.write_group(events)
 
 
 _lifecycle_log: Any = structlog.get_logger("ccos_obsd.lifecycle")

@@ -19,9 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ccos_obsd.actions import SELF_CHECK_FAILED, ValidatedAction, new_action_id
-from ccos_obsd.errors import VerificationError
+import structlog
+
+from ccos_obsd.actions import SELF_CHECK_FAILED
+from ccos_obsd.config import Config
+from ccos_obsd.errors import StartupError, VerificationError
 from ccos_obsd.ledger import store
+from ccos_obsd.ledger.entry import ValidatedAction, new_action_id
 from ccos_obsd.ledger.hashing import CHAIN_ROOT, Hash
 from ccos_obsd.ledger.merkle import root_from_reader, root_hash
 from ccos_obsd.ledger.note import Checkpoint
@@ -33,6 +37,7 @@ from ccos_obsd.ledger.verify import (
     verify_checkpoint_note,
     verify_range,
 )
+from ccos_obsd.ledger.writer import AppendResult, LedgerWriter
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,9 @@ class SelfCheckReport:
         return {"entries": self.entries, "checked_from": self.checked_from, "signatures": self.signatures,
                 "checkpoint_size": self.checkpoint_size, "unsigned_after_checkpoint": self.unsigned_after_checkpoint,
                 "elapsed_ms": round(self.seconds * 1000, 1)}
+
+
+log = structlog.get_logger("ccos_obsd.daemon")
 
 
 def check_ledger(db: Path, *, tail: int, allow_pending: bool) -> SelfCheckReport:
@@ -139,3 +147,34 @@ def damage_action(error: VerificationError, report_entries: int, tail: int) -> V
             "entries": report_entries, "verify_tail": tail,
         },
     }, False)
+
+
+def check_at_startup(db: Path, config: Config, *, start_despite_damage: bool) -> VerificationError | None:
+    """The start-up self-check; a finding stops the start (``StartupError``) unless ``start_despite_damage``.
+
+    Answers the finding to record on the ledger when starting despite it, else None.
+    """
+    if not db.exists():
+        return None
+    try:
+        report = check_ledger(db, tail=config.ledger.verify_tail, allow_pending=config.signing.mode == "checkpoint")
+    except VerificationError as error:
+        if not start_despite_damage:
+            log.error("selfcheck_failed", seq=error.seq, kind=error.kind, detail=error.detail)
+            raise StartupError(
+                f"ledger self-check failed: {error}; `ccos-obsd verify` checks the whole ledger, "
+                "`run --start-despite-damage` starts anyway and records the finding on the ledger"
+            ) from None
+        log.warning("selfcheck_failed_starting_anyway", seq=error.seq, kind=error.kind, detail=error.detail)
+        return error
+    log.info("selfcheck_passed", **report.to_log())
+    return None
+
+
+async def record_damage(writer: LedgerWriter, damage: VerificationError, tail: int) -> None:
+    """Append the self-check's finding to the ledger (a SelfCheckFailed entry) before serving."""
+    action = damage_action(damage, writer.head.size, tail)
+    (outcome,) = await writer.submit([action], None)
+    if not isinstance(outcome, AppendResult):
+        raise StartupError(f"cannot record the self-check finding on the ledger: {outcome.message}")
+    log.warning("selfcheck_finding_recorded", seq=outcome.seq, damaged_seq=damage.seq, kind=damage.kind)

@@ -20,13 +20,11 @@ import socket
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 
+from ccos_obsd.errors import SystemdEnvironmentError
+
 LISTEN_FDS_START = 3
 UNKNOWN_FD_NAME = "unknown"
 """The name sd_listen_fds_with_names gives an fd when $LISTEN_FDNAMES does not name it."""
-
-
-class SystemdEnvironmentError(ValueError):
-    """$LISTEN_FDS and friends are present but malformed."""
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ccos_obsd.errors import NotCanonicalizable
+
 _ENCODER = json.JSONEncoder(
     ensure_ascii=False,
     allow_nan=False,
@@ -17,10 +19,6 @@ _ENCODER = json.JSONEncoder(
     separators=(",", ":"),
     check_circular=False,
 )
-
-
-class NotCanonicalizable(ValueError):
-    """The value holds something canonical JSON cannot express."""
 
 
 def canonical_bytes(value: Any, *, keys_checked: bool = False) -> bytes:

@@ -30,17 +30,13 @@ from cryptography.hazmat.primitives.serialization import (
     PublicFormat,
 )
 
-from ccos_obsd.errors import StartupError
+from ccos_obsd.errors import KeyFormatError, StartupError
 
 KeyId = NewType("KeyId", str)
 """Eight lowercase hex digits."""
 
 ALG_ED25519 = b"\x01"
 _SIGNER_PREFIX = "PRIVATE+KEY+"
-
-
-class KeyFormatError(ValueError):
-    """A verifier or signer key string is malformed."""
 
 
 def check_key_name(name: str) -> None:

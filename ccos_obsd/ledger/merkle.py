@@ -26,7 +26,7 @@ import hmac
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple, Protocol
 
-from ccos_obsd.errors import ObsdError
+from ccos_obsd.errors import ProofError
 from ccos_obsd.ledger.hashing import HASH_SIZE, Hash
 
 NODE_PREFIX = b"\x01"
@@ -36,10 +36,6 @@ EMPTY_ROOT = Hash(hashlib.sha256(b"").digest())
 TILE_HEIGHT = 8
 TILE_WIDTH = 1 << TILE_HEIGHT
 """A full tile holds 256 hashes (8,192 bytes), as in C2SP tlog-tiles."""
-
-
-class ProofError(ObsdError):
-    """An inclusion or consistency proof does not verify, or its arguments cannot."""
 
 
 class NodeId(NamedTuple):

@@ -21,7 +21,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ccos_obsd.errors import ObsdError
+from ccos_obsd.errors import MalformedNoteError, NoteSignatureError, UntrustedNoteError
 from ccos_obsd.ledger.hashing import HASH_SIZE, Hash, leaf_hash
 from ccos_obsd.ledger.keys import SigningKey, VerifierKey
 from ccos_obsd.ledger.merkle import verify_inclusion
@@ -37,22 +37,6 @@ MAX_TREE_SIZE = 2**64 - 1
 
 _CONTROL_CHARACTERS = re.compile(r"[\x00-\x09\x0b-\x1f]")
 _DECIMAL = re.compile(r"0|[1-9][0-9]*")
-
-
-class NoteError(ObsdError):
-    """A signed note, checkpoint or tlog proof is malformed or does not verify."""
-
-
-class MalformedNoteError(NoteError):
-    """The text does not follow the format (note, checkpoint or tlog proof)."""
-
-
-class NoteSignatureError(NoteError):
-    """A signature by a known key does not verify: the note was altered or forged."""
-
-
-class UntrustedNoteError(NoteError):
-    """No known key signed the note (or, for a checkpoint, not the log's key)."""
 
 
 @dataclass(frozen=True)
@@ -335,7 +319,7 @@ def verify_tlog_proof(
 
     Checks the checkpoint's signature (:func:`verify_checkpoint`), then that
     ``SHA-256(0x00 || extra)`` is leaf ``index`` of the checkpointed tree. Raises
-    :class:`NoteError` or :class:`~ccos_obsd.ledger.merkle.ProofError`.
+    :class:`NoteError` or :class:`~ccos_obsd.errors.ProofError`.
     """
     proof = TlogProof.from_text(text)
     checkpoint = verify_checkpoint(proof.checkpoint, verifier_keys, origin=origin)

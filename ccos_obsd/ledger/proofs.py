@@ -11,10 +11,9 @@ import base64
 import sqlite3
 from typing import Any
 
-from ccos_obsd.errors import InvalidRequest, NotFound, Unavailable
+from ccos_obsd.errors import InvalidRequest, NotFound, ProofError, Unavailable
 from ccos_obsd.ledger import store
 from ccos_obsd.ledger.merkle import (
-    ProofError,
     consistency_proof,
     inclusion_proof,
     root_from_reader,

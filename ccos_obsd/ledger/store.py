@@ -1,30 +1,34 @@
-"""SQLite storage of the ledger: schema, connections and read queries.
+"""SQLite storage of the ledger: schema, connections, and every SQL statement about it.
 
-One writer (``ledger.writer``) owns a read-write connection; every reader opens
-its own connection, so exports, verification and queries run beside a live
-daemon. Entries are stored as their exact canonical bytes; the other columns are
-indexes derived from them.
+One writer (``ledger.writer``) owns a read-write connection and calls the write
+functions here; every reader opens its own connection, so exports, verification
+and queries run beside a live daemon. Entries are stored as their exact
+canonical bytes; the other columns are indexes derived from them. The sink
+runners keep their cursors here too, and the daemon its metrics snapshot.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import json
 import sqlite3
+import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar
 
-from ccos_obsd.errors import InvalidRequest
-from ccos_obsd.ledger.hashing import CHAIN_ROOT, Hash
+from ccos_obsd.ledger.entry import NewEntry
+from ccos_obsd.ledger.hashing import CHAIN_ROOT, HASH_SIZE, Hash
 from ccos_obsd.ledger.keys import KeyId, VerifierKey
-from ccos_obsd.ledger.merkle import TILE_WIDTH, TiledHashReader, TileId
+from ccos_obsd.ledger.merkle import TILE_WIDTH, TileAppend, TiledHashReader, TileId
 
 LEDGER_FILE = "ledger.db"
 FORMAT_VERSION = 1
-ENTRY_FORMAT_VERSION = 1
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -217,65 +221,113 @@ def get_entry(
 MAX_QUERY_LIMIT = 10_000
 DEFAULT_QUERY_LIMIT = 100
 
-_EQUALITY_FILTERS = {
-    "intent_id": "intent_id",
-    "plan_id": "plan_id",
-    "session_id": "session_id",
-    "action_type": "action_type",
-    "parent_action_id": "parent_action_id",
-    "function_name": "function_name",
-}
-QUERY_FILTERS = frozenset(_EQUALITY_FILTERS) | {
+T = TypeVar("T")
+
+EQUALITY_FILTERS = frozenset({
+    "intent_id", "plan_id", "session_id", "action_type", "parent_action_id", "function_name",
+})
+"""Query filters that match one indexed column (of the same name) exactly."""
+QUERY_FILTERS = EQUALITY_FILTERS | {
     "function_prefix", "since_ms", "until_ms", "after_seq", "limit", "order", "run_id",
 }
 
 
-def query_entries(conn: sqlite3.Connection, filters: Mapping[str, Any]) -> list[StoredEntry]:
+@dataclass(frozen=True, slots=True)
+class EntryQuery:
+    """CCOS's chain query, already checked (``ccos_obsd.ops.parse_entry_query``)."""
+
+    equal: Mapping[str, str] = field(default_factory=dict)
+    function_prefix: str | None = None
+    run_id: str | None = None
+    since_ms: int | None = None
+    until_ms: int | None = None
+    after_seq: int | None = None
+    limit: int = DEFAULT_QUERY_LIMIT
+    order: Literal["asc", "desc"] = "asc"
+
+
+def query_entries(conn: sqlite3.Connection, query: EntryQuery) -> list[StoredEntry]:
     """CCOS's chain queries: any combination of the filters, newest or oldest first.
 
     ``since_ms``/``until_ms`` bound ``timestamp_ms`` (the recording time where the
     client gave none), inclusive and exclusive. ``after_seq`` pages forward (for
     ``order: "asc"``) or backward (``"desc"``).
     """
-    for key in filters:
-        if key not in QUERY_FILTERS:
-            raise InvalidRequest(f"unknown query filter {key!r}", field=key)
     where: list[str] = []
     params: list[Any] = []
-    for key, column in _EQUALITY_FILTERS.items():
-        if key in filters:
-            where.append(f"{column} = ?")
-            params.append(_query_string(filters, key))
-    if "function_prefix" in filters:
-        prefix = _query_string(filters, "function_prefix")
+    for column in sorted(EQUALITY_FILTERS & query.equal.keys()):
+        where.append(f"{column} = ?")
+        params.append(query.equal[column])
+    if query.function_prefix is not None:
         where.append("function_name >= ? AND function_name < ?")
-        params += [prefix, prefix + "\U0010ffff"]
-    if "run_id" in filters:
+        params += [query.function_prefix, query.function_prefix + "\U0010ffff"]
+    if query.run_id is not None:
         # Not indexed: CCOS keeps run_id in free-form metadata.
         where.append(
             "(json_extract(entry, '$.metadata.run_id') = ? OR json_extract(entry, '$.result.metadata.run_id') = ?)"
         )
-        run_id = _query_string(filters, "run_id")
-        params += [run_id, run_id]
-    order = filters.get("order", "asc")
-    if order not in ("asc", "desc"):
-        raise InvalidRequest("order must be 'asc' or 'desc'", field="order")
-    for key, op in (("since_ms", ">="), ("until_ms", "<")):
-        if key in filters:
+        params += [query.run_id, query.run_id]
+    for bound, op in ((query.since_ms, ">="), (query.until_ms, "<")):
+        if bound is not None:
             where.append(f"time_ms {op} ?")
-            params.append(_query_int(filters, key))
-    if "after_seq" in filters:
-        where.append("seq > ?" if order == "asc" else "seq < ?")
-        params.append(_query_int(filters, "after_seq"))
-    limit = _query_int(filters, "limit") if "limit" in filters else DEFAULT_QUERY_LIMIT
-    if not 1 <= limit <= MAX_QUERY_LIMIT:
-        raise InvalidRequest(f"limit must be between 1 and {MAX_QUERY_LIMIT}", field="limit")
+            params.append(bound)
+    if query.after_seq is not None:
+        where.append("seq > ?" if query.order == "asc" else "seq < ?")
+        params.append(query.after_seq)
     sql = f"SELECT {ENTRY_COLUMNS} FROM entries"
     if where:
         sql += " WHERE " + " AND ".join(where)
-    sql += f" ORDER BY seq {order.upper()} LIMIT ?"
-    params.append(limit)
+    sql += f" ORDER BY seq {query.order.upper()} LIMIT ?"
+    params.append(query.limit)
     return [StoredEntry.from_row(row) for row in conn.execute(sql, params)]
+
+
+class ReaderPool:
+    """Read-only ledger connections on worker threads, one per thread, for reads off the event loop."""
+
+    def __init__(self, db: Path, workers: int = 2) -> None:
+        self._db = db
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ccos-read")
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+
+    def read(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        """Run ``fn(conn)`` on a reader thread; the future resolves on the running loop."""
+        return asyncio.get_running_loop().run_in_executor(self._executor, self._call, fn)
+
+    def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = connect(self._db, readonly=True)
+            with self._lock:
+                self._connections.append(conn)
+        return fn(conn)
+
+    def close(self) -> None:
+        self._executor.shutdown()
+        with self._lock:
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
+
+
+def database_bytes(db: Path) -> int:
+    """The ledger's size on disk: the database file and its write-ahead log."""
+    total = 0
+    for path in (db, db.with_name(db.name + "-wal")):
+        with contextlib.suppress(OSError):
+            total += path.stat().st_size
+    return total
+
+
+def snapshot(conn: sqlite3.Connection, read: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run ``read(conn, ...)`` inside one read transaction, so every row it reads is from one moment."""
+    conn.execute("BEGIN")
+    try:
+        return read(conn, *args, **kwargs)
+    finally:
+        conn.execute("COMMIT")
 
 
 def cost_where(conn: sqlite3.Connection, column: str, value: str) -> float:
@@ -284,34 +336,6 @@ def cost_where(conn: sqlite3.Connection, column: str, value: str) -> float:
         raise ValueError(column)
     row = conn.execute(f"SELECT TOTAL(cost) FROM entries WHERE {column} = ?", (value,)).fetchone()
     return float(row[0])
-
-
-def _query_string(filters: Mapping[str, Any], key: str) -> str:
-    return checked_string(filters[key], key)
-
-
-def _query_int(filters: Mapping[str, Any], key: str) -> int:
-    return checked_int(filters[key], key)
-
-
-def checked_string(value: Any, key: str) -> str:
-    """A request string SQLite can bind (UTF-8 encodable), or ``InvalidRequest``."""
-    if not isinstance(value, str):
-        raise InvalidRequest(f"{key} must be a string", field=key)
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InvalidRequest(f"{key} is not valid Unicode (lone surrogate)", field=key) from None
-    return value
-
-
-def checked_int(value: Any, key: str) -> int:
-    """A request integer SQLite can bind (64-bit signed), or ``InvalidRequest``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidRequest(f"{key} must be an integer", field=key)
-    if not -(2**63) <= value < 2**63:
-        raise InvalidRequest(f"{key} is out of range", field=key)
-    return value
 
 
 class LedgerTileReader:
@@ -336,11 +360,13 @@ class LedgerTileReader:
                 ).fetchall()
                 out.append(b"".join(bytes(row[0]) for row in rows))
             else:
-                row = self._conn.execute(
-                    "SELECT data FROM tiles WHERE level = ? AND idx = ?", (tile.level, tile.index)
-                ).fetchone()
-                out.append(b"" if row is None else bytes(row[0]))
+                out.append(_stored_tile(self._conn, tile))
         return out
+
+
+def _stored_tile(conn: sqlite3.Connection, tile: TileId) -> bytes:
+    row = conn.execute("SELECT data FROM tiles WHERE level = ? AND idx = ?", (tile.level, tile.index)).fetchone()
+    return b"" if row is None else bytes(row[0])
 
 
 def hash_reader(conn: sqlite3.Connection) -> TiledHashReader:
@@ -416,3 +442,117 @@ def load_metrics_snapshot(conn: sqlite3.Connection) -> MetricsSnapshot | None:
 def chain_hash_at(conn: sqlite3.Connection, seq: int) -> bytes | None:
     row = conn.execute("SELECT chain_hash FROM entries WHERE seq = ?", (seq,)).fetchone()
     return None if row is None else bytes(row[0])
+
+
+def leaf_hashes(conn: sqlite3.Connection) -> Iterator[bytes]:
+    """Every entry's leaf hash, in seq order."""
+    for row in conn.execute("SELECT leaf_hash FROM entries ORDER BY seq"):
+        yield bytes(row[0])
+
+
+# --- writes: the ledger writer's thread, and sink runners for their cursors
+
+
+@contextlib.contextmanager
+def write_transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT``; rolled back when the body or the commit fails."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        # The body's error is the one to report; if the rollback fails too, the
+        # connection is still in a transaction and its owner's rollback logs it.
+        with contextlib.suppress(sqlite3.Error):
+            rollback(conn)
+        raise
+
+
+def rollback(conn: sqlite3.Connection) -> None:
+    """Roll back the open transaction, if there is one."""
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")
+
+
+def insert_entries(conn: sqlite3.Connection, key_id: KeyId, entries: Iterable[tuple[NewEntry, bytes | None]]) -> None:
+    """Store new entries with their signatures (None: unsigned) by key ``key_id``."""
+    rows = []
+    for new, signature in entries:
+        f = new.fields
+        rows.append((
+            new.seq, f["action_id"], new.entry, new.leaf_hash, new.chain_hash, key_id, signature, f["action_type"],
+            f.get("parent_action_id"), f.get("session_id"), f.get("plan_id"), f.get("intent_id"),
+            f.get("function_name"), f.get("cost"), f.get("timestamp_ms", f["recorded_at_ms"]),
+        ))
+    conn.executemany(
+        "INSERT INTO entries (seq, action_id, entry, leaf_hash, chain_hash, key_id, signature,"
+        " action_type, parent_action_id, session_id, plan_id, intent_id,"
+        " function_name, cost, time_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        rows,
+    )
+
+
+def write_tiles(conn: sqlite3.Connection, tiles: Mapping[TileId, TileAppend]) -> None:
+    """Extend (or start) the stored tiles with the hashes the tree just completed."""
+    for tile, append in tiles.items():
+        kept = _stored_tile(conn, tile)[: append.offset * HASH_SIZE]
+        conn.execute(
+            "INSERT OR REPLACE INTO tiles (level, idx, data) VALUES (?, ?, ?)",
+            (tile.level, tile.index, kept + append.hashes),
+        )
+
+
+def replace_tiles(conn: sqlite3.Connection, tiles: Mapping[TileId, TileAppend]) -> None:
+    """Drop every stored tile and store these (a tree rebuilt from the leaf hashes)."""
+    conn.execute("DELETE FROM tiles")
+    write_tiles(conn, tiles)
+
+
+def insert_checkpoint(conn: sqlite3.Connection, checkpoint: StoredCheckpoint) -> None:
+    conn.execute(
+        "INSERT OR REPLACE INTO checkpoints (size, root_hash, note, key_id, created_at_ms) VALUES (?, ?, ?, ?, ?)",
+        (checkpoint.size, checkpoint.root_hash, checkpoint.note, checkpoint.key_id, checkpoint.created_at_ms),
+    )
+
+
+def register_key(conn: sqlite3.Connection, key_id: KeyId, vkey: str, first_seq: int, added_at_ms: int) -> None:
+    """Add a key the ring does not hold yet, signing from ``first_seq`` on (its own transaction).
+
+    The key that was current until then signed up to ``first_seq - 1``. A key the
+    ring already holds is left as it is.
+    """
+    if conn.execute("SELECT 1 FROM keys WHERE key_id = ?", (key_id,)).fetchone() is not None:
+        return
+    with write_transaction(conn):
+        conn.execute("UPDATE keys SET last_seq = ? WHERE last_seq IS NULL", (first_seq - 1,))
+        conn.execute(
+            "INSERT INTO keys (key_id, vkey, first_seq, last_seq, added_at_ms) VALUES (?, ?, ?, NULL, ?)",
+            (key_id, vkey, first_seq, added_at_ms),
+        )
+
+
+def record_key_rotation(
+    conn: sqlite3.Connection, old_key_id: KeyId, new_key_id: KeyId, new_vkey: str, rotation_seq: int, at_ms: int
+) -> None:
+    """The old key signed up to ``rotation_seq`` (the KeyRotated entry); the new one signs after it."""
+    conn.execute("UPDATE keys SET last_seq = ? WHERE key_id = ?", (rotation_seq, old_key_id))
+    conn.execute(
+        "INSERT OR REPLACE INTO keys (key_id, vkey, first_seq, last_seq, added_at_ms) VALUES (?, ?, ?, NULL, ?)",
+        (new_key_id, new_vkey, rotation_seq + 1, at_ms),
+    )
+
+
+def read_sink_cursor(conn: sqlite3.Connection, name: str) -> int:
+    """The next seq sink ``name`` is to be given (0 for a sink never run)."""
+    row = conn.execute("SELECT next_seq FROM sink_cursors WHERE name = ?", (name,)).fetchone()
+    return 0 if row is None else int(row[0])
+
+
+def write_sink_cursor(conn: sqlite3.Connection, name: str, next_seq: int) -> None:
+    """Durably move sink ``name``'s cursor (its own transaction)."""
+    with write_transaction(conn):
+        conn.execute(
+            "INSERT INTO sink_cursors (name, next_seq) VALUES (?, ?)"
+            " ON CONFLICT (name) DO UPDATE SET next_seq = excluded.next_seq",
+            (name, next_seq),
+        )

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from ccos_obsd.errors import VerificationError
+from ccos_obsd.errors import NoteError, VerificationError
 from ccos_obsd.ledger.hashing import CHAIN_ROOT, Hash, chain_hash, entry_signed_message, leaf_hash
 from ccos_obsd.ledger.keys import VerifierKey
 from ccos_obsd.ledger.merkle import TreeBuilder
-from ccos_obsd.ledger.note import Checkpoint, NoteError, parse_note, verify_checkpoint
+from ccos_obsd.ledger.note import Checkpoint, parse_note, verify_checkpoint
 from ccos_obsd.ledger.store import StoredEntry
 
 _SIGNATURE_CHUNK = 512
@@ -204,44 +204,17 @@ def _verify_entries(
     checkpoints: Sequence[CheckpointRecord],
     allow_pending: bool,
 ) -> VerifyReport:
-    waiting = sorted(checkpoints, key=_claimed_size)
-    position = 0
-    tree = TreeBuilder()
-    expected = covered = verified_checkpoints = 0
-    uncovered_from: int | None = None
-    previous: Hash = CHAIN_ROOT
+    walk = _Walk(keys, checkpoints)
     chunk: list[CheckItem] = []
     futures: list[Future[Finding | None]] = []
     findings: list[VerificationError] = []
-    signatures = pending = 0
     for entry in entries:
         try:
-            _check_position(entry.seq, expected)
-            public_key: bytes | None = None
-            if entry.signature is not None:
-                public_key = keys.key_for(entry.key_id, entry.seq).public_key
-                signatures += 1
-            elif uncovered_from is None:
-                uncovered_from = entry.seq
-            chunk.append((entry.seq, entry.entry, entry.leaf_hash, entry.chain_hash, previous,
-                          public_key, entry.key_id, entry.signature))
-            previous = entry.chain_hash
-            tree.push(entry.leaf_hash)
-            while position < len(waiting) and _claimed_size(waiting[position]) <= tree.size:
-                checkpoint = verify_checkpoint_note(waiting[position], keys)
-                position += 1
-                if checkpoint.size != tree.size:
-                    raise VerificationError(
-                        max(checkpoint.size - 1, 0), "bad_checkpoint", "checkpoint size is not a tree size"
-                    )
-                _check_root(checkpoint, tree.root())
-                covered = checkpoint.size
-                verified_checkpoints += 1
-                uncovered_from = None
+            chunk.append(walk.check_item(entry))
+            walk.add_leaf(entry)
         except VerificationError as error:
             findings.append(error)
             break
-        expected += 1
         if len(chunk) >= _SIGNATURE_CHUNK:
             futures.append(pool.submit(_check_chunk, chunk))
             chunk = []
@@ -249,28 +222,91 @@ def _verify_entries(
                 progress(_SIGNATURE_CHUNK)
     if chunk:
         futures.append(pool.submit(_check_chunk, chunk))
-    for future in futures:
-        finding = future.result()
-        if finding is not None:
-            findings.append(VerificationError(*finding))
-            break  # chunks are in seq order: later ones can only find higher seqs
-    if not findings and position < len(waiting):
-        beyond = verify_checkpoint_note(waiting[position], keys)
-        findings.append(VerificationError(
-            expected, "truncated", f"a checkpoint covers {beyond.size} entries but the ledger has {expected}"
-        ))
-    if not findings and uncovered_from is not None:
-        if not allow_pending:
-            findings.append(VerificationError(
-                uncovered_from, "unauthenticated",
-                f"no signature, and no checkpoint covers it (the latest covers {covered} entries)",
-            ))
-        pending = expected - uncovered_from
+    findings += _first_chunk_finding(futures)
+    if not findings:
+        findings += walk.end_findings(allow_pending)
     if findings:
         raise min(findings, key=lambda error: error.seq)
     if progress is not None:
-        progress(expected % _SIGNATURE_CHUNK)
-    return VerifyReport(expected, previous, signatures, verified_checkpoints, covered, pending)
+        progress(walk.expected % _SIGNATURE_CHUNK)
+    return VerifyReport(
+        walk.expected, walk.previous, walk.signatures, walk.verified_checkpoints, walk.covered, walk.pending
+    )
+
+
+def _first_chunk_finding(futures: Sequence[Future[Finding | None]]) -> list[VerificationError]:
+    """The workers' first finding: chunks are in seq order, so later ones can only find higher seqs."""
+    for future in futures:
+        finding = future.result()
+        if finding is not None:
+            return [VerificationError(*finding)]
+    return []
+
+
+class _Walk:
+    """What :func:`verify_entries` checks in seq order: positions, key ranges, the tree, the checkpoints."""
+
+    def __init__(self, keys: KeyRing, checkpoints: Sequence[CheckpointRecord]) -> None:
+        self.keys = keys
+        self.waiting = sorted(checkpoints, key=_claimed_size)
+        self.position = 0
+        """Index in ``waiting`` of the next checkpoint to check."""
+        self.tree = TreeBuilder()
+        self.expected = 0
+        """The next seq, and the number of entries walked."""
+        self.previous: Hash = CHAIN_ROOT
+        self.signatures = self.covered = self.verified_checkpoints = 0
+        self.uncovered_from: int | None = None
+        """The first unsigned entry no verified checkpoint covers yet."""
+
+    @property
+    def pending(self) -> int:
+        return 0 if self.uncovered_from is None else self.expected - self.uncovered_from
+
+    def check_item(self, entry: StoredEntry) -> CheckItem:
+        """Check the entry's seq and key; return what the workers are to check of it."""
+        _check_position(entry.seq, self.expected)
+        public_key: bytes | None = None
+        if entry.signature is not None:
+            public_key = self.keys.key_for(entry.key_id, entry.seq).public_key
+            self.signatures += 1
+        elif self.uncovered_from is None:
+            self.uncovered_from = entry.seq
+        item = (entry.seq, entry.entry, entry.leaf_hash, entry.chain_hash, self.previous,
+                public_key, entry.key_id, entry.signature)
+        self.previous = entry.chain_hash
+        return item
+
+    def add_leaf(self, entry: StoredEntry) -> None:
+        """Grow the tree by the entry's leaf; check every checkpoint of the size reached."""
+        self.tree.push(entry.leaf_hash)
+        while self.position < len(self.waiting) and _claimed_size(self.waiting[self.position]) <= self.tree.size:
+            checkpoint = verify_checkpoint_note(self.waiting[self.position], self.keys)
+            self.position += 1
+            if checkpoint.size != self.tree.size:
+                raise VerificationError(
+                    max(checkpoint.size - 1, 0), "bad_checkpoint", "checkpoint size is not a tree size"
+                )
+            _check_root(checkpoint, self.tree.root())
+            self.covered = checkpoint.size
+            self.verified_checkpoints += 1
+            self.uncovered_from = None
+        self.expected += 1
+
+    def end_findings(self, allow_pending: bool) -> list[VerificationError]:
+        """After the last entry: a checkpoint beyond it (a cut-off tail), or entries nothing authenticates."""
+        if self.position < len(self.waiting):
+            beyond = verify_checkpoint_note(self.waiting[self.position], self.keys)
+            return [VerificationError(
+                self.expected, "truncated",
+                f"a checkpoint covers {beyond.size} entries but the ledger has {self.expected}",
+            )]
+        if self.uncovered_from is not None and not allow_pending:
+            return [VerificationError(
+                self.uncovered_from, "unauthenticated",
+                f"no signature, and no checkpoint covers it (the latest covers {self.covered} entries)",
+            )]
+        return []
 
 
 def _check_position(seq: int, expected: int) -> None:

@@ -2,9 +2,9 @@
 
 Appends from every connection go into one queue. The writer thread takes all
 that is waiting (up to ``max_group`` actions), turns each action into entry
-bytes, leaf hash, chain hash and signature, inserts the lot in one SQLite
-transaction, commits (fsync), and only then resolves the callers' futures on the
-event loop. While it commits, the next group accumulates: the more load, the
+bytes, leaf hash and chain hash (``entry.build_entry``) and a signature, inserts
+the lot in one SQLite transaction (``store``), commits (fsync), and only then
+resolves the callers' futures on the event loop. While it commits, the next group accumulates: the more load, the
 larger the groups, the fewer fsyncs per action.
 """
 
@@ -24,14 +24,14 @@ from typing import Any
 
 import structlog
 
-from ccos_obsd.actions import KEY_ROTATED, ValidatedAction, content_of_entry, new_action_id
-from ccos_obsd.errors import Conflict, Internal, InvalidAction, RequestError, Unavailable
-from ccos_obsd.ledger.canonical import NotCanonicalizable, canonical_bytes
-from ccos_obsd.ledger.hashing import HASH_SIZE, Hash, chain_hash, entry_signed_message, leaf_hash
+from ccos_obsd.errors import Conflict, Internal, InvalidAction, NotCanonicalizable, RequestError, Unavailable
+from ccos_obsd.ledger import store
+from ccos_obsd.ledger.entry import NewEntry, ValidatedAction, build_entry, content_of_entry, key_rotated_action
+from ccos_obsd.ledger.hashing import Hash, entry_signed_message
 from ccos_obsd.ledger.keys import SigningKey, replace_signing_key
 from ccos_obsd.ledger.merkle import TileAppend, TileId, TreeBuilder, root_from_reader, tile_appends
 from ccos_obsd.ledger.note import Checkpoint, sign_checkpoint
-from ccos_obsd.ledger.store import ENTRY_FORMAT_VERSION, Head, connect, hash_reader, latest_checkpoint, read_head
+from ccos_obsd.ledger.store import Head, StoredCheckpoint
 
 log = structlog.get_logger("ccos_obsd.ledger")
 
@@ -61,14 +61,8 @@ class AppendResult:
 AppendOutcome = AppendResult | RequestError
 
 
-@dataclass(frozen=True, slots=True)
-class CommittedEntry:
-    """An entry just made durable, handed to the commit listeners (metrics, logs)."""
-
-    seq: int
-    fields: dict[str, Any]
-    leaf_hash: Hash
-    chain_hash: Hash
+CommittedEntry = NewEntry
+"""An entry just made durable, as the commit listeners (metrics, logs, sinks' wake-up) see it."""
 
 
 @dataclass(slots=True)
@@ -90,14 +84,13 @@ def _set_result(future: asyncio.Future[AppendOutcome], outcome: AppendOutcome) -
 
 
 @dataclass(slots=True)
-class _NewEntry:
+class _Prepared:
+    """A new entry on its way to the ledger: where its answer goes, and its signature once made."""
+
     index: tuple[int, int]
+    """(request, action) position in the group."""
     action: ValidatedAction
-    fields: dict[str, Any]
-    entry: bytes
-    leaf: Hash
-    chain: Hash
-    seq: int
+    entry: NewEntry
     signature: bytes | None = None
 
 
@@ -110,7 +103,7 @@ class _Group:
 
     requests: list[_Request]
     outcomes: list[list[AppendOutcome | None]]
-    new_entries: list[_NewEntry]
+    prepared: list[_Prepared]
     head_after: Head
     recorded_ms: int
     signing: Future[None] | None = None
@@ -133,23 +126,23 @@ class LedgerWriter:
         loop: asyncio.AbstractEventLoop,
         *,
         max_group: int = 4096,
-        on_commit: CommitListener | None = None,
         signing_mode: str = "entry",
         checkpoint_interval_s: float = 1.0,
         key_path: Path | None = None,
     ) -> None:
-        self._conn = connect(db_path, readonly=False)
+        self.db_path = db_path
+        self._conn = store.connect(db_path, readonly=False)
         self._key = signing_key
         self._loop = loop
         self._max_group = max_group
-        self._on_commit = on_commit
+        self._listeners: list[CommitListener] = []
         self._queue: queue.SimpleQueue[_Request | _RotateKey | None] = queue.SimpleQueue()
         self._key_path = key_path
         self._rotation: _RotateKey | None = None
-        self._head = read_head(self._conn)
+        self._head = store.read_head(self._conn)
         self._prepared_head = self._head
         self._last_recorded_ms = 0
-        self._uncommitted: dict[str, _NewEntry] = {}
+        self._uncommitted: dict[str, _Prepared] = {}
         self._sign_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ccos-sign")
         self._thread = threading.Thread(target=self._run, name="ccos-ledger-writer", daemon=True)
         self.pending_actions = 0
@@ -158,7 +151,7 @@ class LedgerWriter:
         self._sign_entries = signing_mode == "entry"
         self._checkpoint_interval_s = checkpoint_interval_s
         self._tree = self._open_tree()
-        latest = latest_checkpoint(self._conn)
+        latest = store.latest_checkpoint(self._conn)
         self._checkpointed_size = 0 if latest is None else latest.size
         self._last_checkpoint_at = float("-inf")
         self.latest_checkpoint: str | None = None if latest is None else latest.note
@@ -166,6 +159,17 @@ class LedgerWriter:
         self._uncovered_since: float | None = None
         if self._head.size > self._checkpointed_size:
             self._uncovered_since = time.time() if latest is None else latest.created_at_ms / 1000
+
+    def add_commit_listener(self, listener: CommitListener) -> None:
+        """Call ``listener(entries, commit_seconds)`` on the writer thread after each durable commit.
+
+        Register listeners before :meth:`start`; they must be quick (the next group waits).
+        """
+        self._listeners.append(listener)
+
+    def _tell_listeners(self, entries: list[CommittedEntry], commit_seconds: float) -> None:
+        for listener in self._listeners:
+            listener(entries, commit_seconds)
 
     def checkpoint_age(self) -> float:
         """Seconds the oldest entry no signed checkpoint covers has waited (0: all covered)."""
@@ -211,17 +215,10 @@ class LedgerWriter:
         self._conn.close()
 
     def _register_key(self) -> None:
-        row = self._conn.execute("SELECT 1 FROM keys WHERE key_id = ?", (self._key.key_id,)).fetchone()
-        if row is None:
-            with self._conn:
-                self._conn.execute("BEGIN IMMEDIATE")
-                self._conn.execute(
-                    "UPDATE keys SET last_seq = ? WHERE last_seq IS NULL", (self._head.size - 1,)
-                )
-                self._conn.execute(
-                    "INSERT INTO keys (key_id, vkey, first_seq, last_seq, added_at_ms) VALUES (?, ?, ?, NULL, ?)",
-                    (self._key.key_id, self._key.verifier.vkey(), self._head.size, int(time.time() * 1000)),
-                )
+        """A key the ring does not know yet (first start, or a rotation cut short) signs from the head on."""
+        store.register_key(
+            self._conn, self._key.key_id, self._key.verifier.vkey(), self._head.size, int(time.time() * 1000)
+        )
 
     # --- the writer thread
 
@@ -287,69 +284,64 @@ class LedgerWriter:
         return requests
 
     def _prepare(self, requests: list[_Request]) -> _Group:
-        """Assign seqs, encode, hash and start signing; answer duplicates and conflicts."""
+        """Assign seqs, build the entries and start signing; answer duplicates and conflicts."""
         outcomes: list[list[AppendOutcome | None]] = [[None] * len(r.actions) for r in requests]
-        new_entries: list[_NewEntry] = []
-        uncommitted = self._uncommitted
+        prepared: list[_Prepared] = []
         next_seq, previous = self._prepared_head.size, self._prepared_head.chain_hash
         now_ms = max(int(time.time() * 1000), self._last_recorded_ms)
         self._last_recorded_ms = now_ms
-        lookup = self._conn.execute
         for r_index, request in enumerate(requests):
             for a_index, action in enumerate(request.actions):
                 if action.client_action_id:
-                    earlier = uncommitted.get(action.action_id)
+                    earlier = self._earlier_outcome(action)
                     if earlier is not None:
-                        outcomes[r_index][a_index] = _duplicate_or_conflict(
-                            action, earlier.action.content(), earlier.seq, earlier.leaf, earlier.chain
-                        )
+                        outcomes[r_index][a_index] = earlier
                         continue
-                    row = lookup(
-                        "SELECT seq, entry, leaf_hash, chain_hash FROM entries WHERE action_id = ?",
-                        (action.action_id,),
-                    ).fetchone()
-                    if row is not None:
-                        seq, stored, leaf, chain = row
-                        outcomes[r_index][a_index] = _duplicate_or_conflict(
-                            action, content_of_entry(json.loads(stored)), seq, Hash(bytes(leaf)), Hash(bytes(chain))
-                        )
-                        continue
-                fields = dict(action.fields)
-                fields["v"] = ENTRY_FORMAT_VERSION
-                fields["seq"] = next_seq
-                fields["recorded_at_ms"] = now_ms
-                if request.peer is not None:
-                    fields["peer"] = request.peer
                 try:
-                    entry = canonical_bytes(fields, keys_checked=True)
+                    new = build_entry(
+                        action.fields, seq=next_seq, recorded_at_ms=now_ms, peer=request.peer,
+                        previous_chain_hash=previous,
+                    )
                 except NotCanonicalizable as exc:
                     outcomes[r_index][a_index] = InvalidAction(f"action is not representable as canonical JSON: {exc}")
                     continue
-                leaf = leaf_hash(entry)
-                previous = chain_hash(previous, leaf)
-                new = _NewEntry((r_index, a_index), action, fields, entry, leaf, previous, next_seq)
-                new_entries.append(new)
-                uncommitted[action.action_id] = new
+                pending = _Prepared((r_index, a_index), action, new)
+                prepared.append(pending)
+                self._uncommitted[action.action_id] = pending
+                previous = new.chain_hash
                 next_seq += 1
         head_after = Head(next_seq, previous)
         self._prepared_head = head_after
-        group = _Group(requests, outcomes, new_entries, head_after, now_ms)
-        if new_entries and self._sign_entries:
-            group.signing = self._start_signing(new_entries)
+        group = _Group(requests, outcomes, prepared, head_after, now_ms)
+        if prepared and self._sign_entries:
+            group.signing = self._start_signing(prepared)
         return group
 
-    def _start_signing(self, new_entries: list[_NewEntry]) -> Future[None]:
+    def _earlier_outcome(self, action: ValidatedAction) -> AppendOutcome | None:
+        """The answer for an action_id already prepared or stored (duplicate or conflict); None if new."""
+        earlier = self._uncommitted.get(action.action_id)
+        if earlier is not None:
+            new = earlier.entry
+            return _duplicate_or_conflict(action, earlier.action.content(), new.seq, new.leaf_hash, new.chain_hash)
+        stored = store.get_entry(self._conn, action_id=action.action_id)
+        if stored is None:
+            return None
+        return _duplicate_or_conflict(
+            action, content_of_entry(json.loads(stored.entry)), stored.seq, stored.leaf_hash, stored.chain_hash
+        )
+
+    def _start_signing(self, prepared: list[_Prepared]) -> Future[None]:
         sign = self._key.sign
 
-        def sign_all(chunk: list[_NewEntry]) -> None:
-            for new in chunk:
-                new.signature = sign(entry_signed_message(new.chain))
+        def sign_all(chunk: list[_Prepared]) -> None:
+            for pending in chunk:
+                pending.signature = sign(entry_signed_message(pending.entry.chain_hash))
 
-        if len(new_entries) < _PARALLEL_SIGN_MIN:
-            return self._sign_pool.submit(sign_all, new_entries)
-        half = len(new_entries) // 2
-        first = self._sign_pool.submit(sign_all, new_entries[:half])
-        second = self._sign_pool.submit(sign_all, new_entries[half:])
+        if len(prepared) < _PARALLEL_SIGN_MIN:
+            return self._sign_pool.submit(sign_all, prepared)
+        half = len(prepared) // 2
+        first = self._sign_pool.submit(sign_all, prepared[:half])
+        second = self._sign_pool.submit(sign_all, prepared[half:])
         done: Future[None] = Future()
 
         def both(_: Future[None]) -> None:
@@ -367,17 +359,17 @@ class LedgerWriter:
     def _finish(self, group: _Group) -> bool:
         """Wait for the signatures, commit, notify, answer. False if the commit failed."""
         try:
-            if group.new_entries:
+            if group.prepared:
                 started = time.perf_counter()
                 if group.signing is not None:
                     group.signing.result()
                 try:
-                    nodes = self._tree.extend_stored(n.leaf for n in group.new_entries)
+                    nodes = self._tree.extend_stored(p.entry.leaf_hash for p in group.prepared)
                     checkpoint = self._sign_checkpoint() if self._checkpoint_wait() == 0.0 else None
-                    self._insert(group.new_entries, tile_appends(nodes, skip_leaf_tiles=True), checkpoint)
+                    self._insert(group.prepared, tile_appends(nodes, skip_leaf_tiles=True), checkpoint)
                 except sqlite3.Error as exc:
                     self._rollback()
-                    log.error("ledger_write_failed", error=str(exc), entries=len(group.new_entries))
+                    log.error("ledger_write_failed", error=str(exc), entries=len(group.prepared))
                     cause = _describe(exc)
                     self._fail(group, Unavailable(f"ledger write failed ({cause}); the action was not appended"))
                     self._resync_head()
@@ -386,16 +378,7 @@ class LedgerWriter:
                     self._checkpoint_written(checkpoint)
                 elif self._uncovered_since is None:
                     self._uncovered_since = time.time()
-                commit_seconds = time.perf_counter() - started
-                self._head = group.head_after
-                for new in group.new_entries:
-                    group.outcomes[new.index[0]][new.index[1]] = AppendResult(
-                        new.seq, new.action.action_id, new.leaf, new.chain, False
-                    )
-                    self._uncommitted.pop(new.action.action_id, None)
-                if self._on_commit is not None:
-                    entries = [CommittedEntry(n.seq, n.fields, n.leaf, n.chain) for n in group.new_entries]
-                    self._on_commit(entries, commit_seconds)
+                self._committed(group, time.perf_counter() - started)
         except Exception as exc:
             log.exception("ledger_write_internal_error")
             self._rollback()
@@ -405,16 +388,27 @@ class LedgerWriter:
         self._answer(group)
         return True
 
+    def _committed(self, group: _Group, commit_seconds: float) -> None:
+        """The group is durable: move the head, fill in the answers, tell the commit listener."""
+        self._head = group.head_after
+        for pending in group.prepared:
+            new = pending.entry
+            group.outcomes[pending.index[0]][pending.index[1]] = AppendResult(
+                new.seq, pending.action.action_id, new.leaf_hash, new.chain_hash, False
+            )
+            self._uncommitted.pop(pending.action.action_id, None)
+        self._tell_listeners([p.entry for p in group.prepared], commit_seconds)
+
     def _fail(self, group: _Group, error: RequestError) -> None:
         """Answer ``error`` for the group's new entries (and duplicates of them); reset the head."""
-        failed_seqs = {n.seq for n in group.new_entries}
-        for new in group.new_entries:
-            group.outcomes[new.index[0]][new.index[1]] = error
+        failed_seqs = {p.entry.seq for p in group.prepared}
+        for pending in group.prepared:
+            group.outcomes[pending.index[0]][pending.index[1]] = error
         for row in group.outcomes:
             for i, outcome in enumerate(row):
                 if isinstance(outcome, AppendResult) and outcome.duplicate and outcome.seq >= self._head.size:
                     row[i] = error
-        self._uncommitted = {k: v for k, v in self._uncommitted.items() if v.seq not in failed_seqs}
+        self._uncommitted = {k: v for k, v in self._uncommitted.items() if v.entry.seq not in failed_seqs}
         if not self._uncommitted:
             self._prepared_head = self._head
         self._answer(group)
@@ -431,46 +425,16 @@ class LedgerWriter:
 
     def _insert(
         self,
-        new_entries: list[_NewEntry],
+        prepared: list[_Prepared],
         tiles: dict[TileId, TileAppend],
         checkpoint: tuple[int, Hash, str] | None,
     ) -> None:
         """One transaction: the entries, the tree tiles they complete, and maybe a checkpoint."""
-        conn = self._conn
-        conn.execute("BEGIN IMMEDIATE")
-        self._insert_rows(new_entries)
-        self._write_tiles(tiles)
-        if checkpoint is not None:
-            self._insert_checkpoint(checkpoint)
-        conn.execute("COMMIT")
-
-    def _insert_rows(self, new_entries: list[_NewEntry]) -> None:
-        key_id = self._key.key_id
-        rows = []
-        for new in new_entries:
-            f = new.fields
-            rows.append((
-                new.seq, f["action_id"], new.entry, new.leaf, new.chain, key_id, new.signature, f["action_type"],
-                f.get("parent_action_id"), f.get("session_id"), f.get("plan_id"), f.get("intent_id"),
-                f.get("function_name"), f.get("cost"), f.get("timestamp_ms", f["recorded_at_ms"]),
-            ))
-        self._conn.executemany(
-            "INSERT INTO entries (seq, action_id, entry, leaf_hash, chain_hash, key_id, signature,"
-            " action_type, parent_action_id, session_id, plan_id, intent_id,"
-            " function_name, cost, time_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            rows,
-        )
-
-    def _write_tiles(self, tiles: dict[TileId, TileAppend]) -> None:
-        for tile, append in tiles.items():
-            row = self._conn.execute(
-                "SELECT data FROM tiles WHERE level = ? AND idx = ?", (tile.level, tile.index)
-            ).fetchone()
-            kept = b"" if row is None else bytes(row[0])[: append.offset * HASH_SIZE]
-            self._conn.execute(
-                "INSERT OR REPLACE INTO tiles (level, idx, data) VALUES (?, ?, ?)",
-                (tile.level, tile.index, kept + append.hashes),
-            )
+        with store.write_transaction(self._conn):
+            store.insert_entries(self._conn, self._key.key_id, ((p.entry, p.signature) for p in prepared))
+            store.write_tiles(self._conn, tiles)
+            if checkpoint is not None:
+                self._insert_checkpoint(checkpoint)
 
     # --- key rotation
 
@@ -500,52 +464,35 @@ class LedgerWriter:
         if self._key_path is None:
             return Unavailable("this writer has no key file to rotate")
         old = self._key
-        new = SigningKey.generate(old.verifier.name)
-        replace_signing_key(self._key_path, new)
-        seq = self._head.size
+        new_key = SigningKey.generate(old.verifier.name)
+        replace_signing_key(self._key_path, new_key)
         now_ms = max(int(time.time() * 1000), self._last_recorded_ms)
-        fields: dict[str, Any] = {
-            "action_type": KEY_ROTATED,
-            "action_id": new_action_id(),
-            "metadata": {"old_key": old.verifier.vkey(), "new_key": new.verifier.vkey()},
-            "v": ENTRY_FORMAT_VERSION,
-            "seq": seq,
-            "recorded_at_ms": now_ms,
-        }
-        if rotation.peer is not None:
-            fields["peer"] = rotation.peer
-        entry = canonical_bytes(fields, keys_checked=True)
-        leaf = leaf_hash(entry)
-        chain = chain_hash(self._head.chain_hash, leaf)
-        new_entry = _NewEntry((0, 0), ValidatedAction(fields, True), fields, entry, leaf, chain, seq)
-        new_entry.signature = old.sign(entry_signed_message(chain)) if self._sign_entries else None
+        action = key_rotated_action(old.verifier.vkey(), new_key.verifier.vkey())
+        new = build_entry(
+            action.fields, seq=self._head.size, recorded_at_ms=now_ms, peer=rotation.peer,
+            previous_chain_hash=self._head.chain_hash,
+        )
+        signature = old.sign(entry_signed_message(new.chain_hash)) if self._sign_entries else None
         started = time.perf_counter()
-        nodes = self._tree.extend_stored([leaf])
+        nodes = self._tree.extend_stored([new.leaf_hash])
         # The old key's last act: a checkpoint over everything through the rotation entry.
         checkpoint = self._sign_checkpoint()
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:
-            self._insert_rows([new_entry])
-            self._write_tiles(tile_appends(nodes, skip_leaf_tiles=True))
+        with store.write_transaction(self._conn):
+            store.insert_entries(self._conn, old.key_id, [(new, signature)])
+            store.write_tiles(self._conn, tile_appends(nodes, skip_leaf_tiles=True))
             self._insert_checkpoint(checkpoint)
-            self._conn.execute("UPDATE keys SET last_seq = ? WHERE key_id = ?", (seq, old.key_id))
-            self._conn.execute(
-                "INSERT OR REPLACE INTO keys (key_id, vkey, first_seq, last_seq, added_at_ms)"
-                " VALUES (?, ?, ?, NULL, ?)",
-                (new.key_id, new.verifier.vkey(), seq + 1, now_ms),
+            store.record_key_rotation(
+                self._conn, old.key_id, new_key.key_id, new_key.verifier.vkey(), new.seq, now_ms
             )
-            self._conn.execute("COMMIT")
-        except BaseException:
-            self._rollback()
-            raise
-        self._key = new
-        self._head = self._prepared_head = Head(seq + 1, chain)
+        self._key = new_key
+        self._head = self._prepared_head = Head(new.seq + 1, new.chain_hash)
         self._checkpoint_written(checkpoint)
         self._last_recorded_ms = now_ms
-        log.warning("signing_key_rotated", seq=seq, old_key=old.verifier.vkey(), new_key=new.verifier.vkey())
-        if self._on_commit is not None:
-            self._on_commit([CommittedEntry(seq, fields, leaf, chain)], time.perf_counter() - started)
-        return AppendResult(seq, fields["action_id"], leaf, chain, False)
+        log.warning(
+            "signing_key_rotated", seq=new.seq, old_key=old.verifier.vkey(), new_key=new_key.verifier.vkey()
+        )
+        self._tell_listeners([new], time.perf_counter() - started)
+        return AppendResult(new.seq, action.action_id, new.leaf_hash, new.chain_hash, False)
 
     # --- Merkle tree and checkpoints
 
@@ -553,22 +500,18 @@ class LedgerWriter:
         """Resume the tree from its stored tiles, or rebuild them (a ledger from before tiles)."""
         size = self._head.size
         try:
-            reader = hash_reader(self._conn)
+            reader = store.hash_reader(self._conn)
             tree = TreeBuilder.from_reader(size, reader)
-            latest = latest_checkpoint(self._conn)
+            latest = store.latest_checkpoint(self._conn)
             if latest is None or latest.size > size or root_from_reader(latest.size, reader) == latest.root_hash:
                 return tree
             log.warning("merkle_tiles_disagree_with_checkpoint", checkpoint_size=latest.size)
         except ValueError:
             log.warning("merkle_tiles_unreadable", entries=size)
         tree = TreeBuilder()
-        nodes = tree.extend_stored(
-            bytes(row[0]) for row in self._conn.execute("SELECT leaf_hash FROM entries ORDER BY seq")
-        )
-        with self._conn:
-            self._conn.execute("BEGIN IMMEDIATE")
-            self._conn.execute("DELETE FROM tiles")
-            self._write_tiles(tile_appends(nodes, skip_leaf_tiles=True))
+        nodes = tree.extend_stored(store.leaf_hashes(self._conn))
+        with store.write_transaction(self._conn):
+            store.replace_tiles(self._conn, tile_appends(nodes, skip_leaf_tiles=True))
         log.info("merkle_tree_rebuilt", entries=size)
         return tree
 
@@ -579,9 +522,8 @@ class LedgerWriter:
 
     def _insert_checkpoint(self, checkpoint: tuple[int, Hash, str]) -> None:
         size, root, note = checkpoint
-        self._conn.execute(
-            "INSERT OR REPLACE INTO checkpoints (size, root_hash, note, key_id, created_at_ms) VALUES (?, ?, ?, ?, ?)",
-            (size, root, note, self._key.key_id, int(time.time() * 1000)),
+        store.insert_checkpoint(
+            self._conn, StoredCheckpoint(size, root, note, self._key.key_id, int(time.time() * 1000))
         )
 
     def _checkpoint_written(self, checkpoint: tuple[int, Hash, str]) -> None:
@@ -596,9 +538,8 @@ class LedgerWriter:
             return
         checkpoint = self._sign_checkpoint()
         try:
-            self._conn.execute("BEGIN IMMEDIATE")
-            self._insert_checkpoint(checkpoint)
-            self._conn.execute("COMMIT")
+            with store.write_transaction(self._conn):
+                self._insert_checkpoint(checkpoint)
         except sqlite3.Error as exc:
             self._rollback()
             log.error("checkpoint_write_failed", error=str(exc), size=checkpoint[0])
@@ -614,7 +555,7 @@ class LedgerWriter:
         ``duplicate`` answers rather than a second copy.
         """
         try:
-            head = read_head(self._conn)
+            head = store.read_head(self._conn)
         except sqlite3.Error as exc:
             log.error("ledger_head_unreadable", error=str(exc))
             return
@@ -630,8 +571,7 @@ class LedgerWriter:
 
     def _rollback(self) -> None:
         try:
-            if self._conn.in_transaction:
-                self._conn.execute("ROLLBACK")
+            store.rollback(self._conn)
         except sqlite3.Error as exc:
             log.error("ledger_rollback_failed", error=str(exc))
 

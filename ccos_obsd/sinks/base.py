@@ -12,7 +12,6 @@ delivered.
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -24,7 +23,7 @@ import structlog
 
 from ccos_obsd.ledger import store
 from ccos_obsd.ledger.store import StoredEntry
-from ccos_obsd.metrics import Histogram
+from ccos_obsd.metrics.aggregates import Histogram
 
 log = structlog.get_logger("ccos_obsd.sinks")
 
@@ -63,26 +62,6 @@ class SinkStats:
             return self.cursor, self.delivered, self.errors, self.durations.copy()
 
 
-def read_cursor(conn: sqlite3.Connection, name: str) -> int:
-    row = conn.execute("SELECT next_seq FROM sink_cursors WHERE name = ?", (name,)).fetchone()
-    return 0 if row is None else int(row[0])
-
-
-def write_cursor(conn: sqlite3.Connection, name: str, next_seq: int) -> None:
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        conn.execute(
-            "INSERT INTO sink_cursors (name, next_seq) VALUES (?, ?)"
-            " ON CONFLICT (name) DO UPDATE SET next_seq = excluded.next_seq",
-            (name, next_seq),
-        )
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-
-
 class SinkRunner:
     """Feeds one sink from the ledger on its own thread."""
 
@@ -93,20 +72,18 @@ class SinkRunner:
         head: Callable[[], int],
         *,
         batch_size: int = 1000,
-        on_delivered: Callable[[Sink, Sequence[StoredEntry], float], None] | None = None,
     ) -> None:
         self.sink = sink
         self.stats = SinkStats()
         self._db_path = db_path
         self._head = head
         self.batch_size = batch_size
-        self._on_delivered = on_delivered
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"ccos-sink-{sink.name}", daemon=True)
         cursor_conn = store.connect(db_path, readonly=False)
         try:
-            self.stats.cursor = read_cursor(cursor_conn, sink.name)
+            self.stats.cursor = store.read_sink_cursor(cursor_conn, sink.name)
         finally:
             cursor_conn.close()
 
@@ -159,7 +136,7 @@ class SinkRunner:
                 started = time.perf_counter()
                 try:
                     self.sink.deliver(batch)
-                    write_cursor(cursor_conn, self.sink.name, batch[-1].seq + 1)
+                    store.write_sink_cursor(cursor_conn, self.sink.name, batch[-1].seq + 1)
                 except Exception as exc:  # noqa: BLE001 - any failure of a sink is retried, never fatal
                     with self.stats.lock:
                         self.stats.errors += 1
@@ -179,8 +156,6 @@ class SinkRunner:
                     self.stats.cursor = batch[-1].seq + 1
                     self.stats.delivered += len(batch)
                     self.stats.durations.observe(elapsed)
-                if self._on_delivered is not None:
-                    self._on_delivered(self.sink, batch, elapsed)
         finally:
             reader.close()
             cursor_conn.close()
@@ -188,12 +163,3 @@ class SinkRunner:
                 self.sink.close()
             except Exception:
                 log.exception("sink_close_failed", sink=self.sink.name)
-
-    def reset(self, next_seq: int) -> None:
-        """Move the cursor (replay): only while the runner is stopped."""
-        conn = store.connect(self._db_path, readonly=False)
-        try:
-            write_cursor(conn, self.sink.name, next_seq)
-        finally:
-            conn.close()
-        self.stats.cursor = next_seq

@@ -42,8 +42,9 @@ import structlog
 from ccos_obsd.config import Config, SinkConfig
 from ccos_obsd.ledger import store
 from ccos_obsd.log import LogRing, configure_logging
-from ccos_obsd.metrics import Histogram, SinkView, WmView
-from ccos_obsd.sinks.base import DELIVERY_BUCKETS, Sink, SinkRunner, read_cursor
+from ccos_obsd.metrics.aggregates import Histogram, SinkView, WmView
+from ccos_obsd.metrics.snapshot import decode_histogram, encode_histogram
+from ccos_obsd.sinks.base import DELIVERY_BUCKETS, Sink, SinkRunner
 from ccos_obsd.sinks.jsonl import JsonlSink
 from ccos_obsd.sinks.wm import WM_INGEST_BUCKETS, WmSink
 
@@ -167,7 +168,7 @@ class SinkHost:
         conn = store.connect(self._db, readonly=False)
         try:
             for counters in self._counters.values():
-                counters.cursor = read_cursor(conn, counters.name)
+                counters.cursor = store.read_sink_cursor(conn, counters.name)
         finally:
             conn.close()
 
@@ -257,8 +258,8 @@ class SinkHost:
 
 
 def _merged(base: Histogram, reported: Any) -> Histogram:
-    """``base`` plus a histogram the sink host reported (``Histogram.to_json``; same buckets)."""
-    other = Histogram.from_json(base.bounds, reported)
+    """``base`` plus a histogram the sink host reported (``encode_histogram``; same buckets)."""
+    other = decode_histogram(base.bounds, reported)
     return Histogram(base.bounds, [a + b for a, b in zip(base.counts, other.counts, strict=True)],
                      base.total + other.total, base.count + other.count)
 
@@ -306,11 +307,11 @@ def _report(runner: SinkRunner) -> dict[str, Any]:
     cursor, delivered, errors, durations = runner.stats.snapshot()
     report: dict[str, Any] = {
         "sink": runner.sink.name, "cursor": cursor, "delivered": delivered, "errors": errors,
-        "durations": durations.to_json(), "wm": None,
+        "durations": encode_histogram(durations), "wm": None,
     }
     sink = runner.sink
     if isinstance(sink, WmSink):
-        report["wm"] = {"size": sink.size, "ingest": sink.ingest_durations.copy().to_json()}
+        report["wm"] = {"size": sink.size, "ingest": encode_histogram(sink.ingest_durations.copy())}
     return report
 
 

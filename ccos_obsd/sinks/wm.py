@@ -6,10 +6,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from ccos_obsd.ingestor import derive_wm_entries
 from ccos_obsd.ledger.store import StoredEntry
-from ccos_obsd.metrics import Histogram
-from ccos_obsd.wm_store import WmStore
+from ccos_obsd.metrics.aggregates import Histogram
+from ccos_obsd.wm.derive import derive_wm_entries
+from ccos_obsd.wm.store import WmStore
 
 WM_INGEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 

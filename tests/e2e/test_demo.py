@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from itertools import islice
 
-from ccos_obsd.actions import DAEMON_FIELDS
 from ccos_obsd.demo import Workload
+from ccos_obsd.ledger.entry import DAEMON_FIELDS
 from tests.daemon import DaemonProcess, run_cli
 
 SUMMARY = re.compile(r"demo: sent (\d+) actions, (\d+) errors, in ([\d.]+) s \(([\d.]+) actions/s\); run_id (\S+)")

@@ -167,7 +167,7 @@ def renderer_pids(daemon: DaemonProcess) -> list[int]:
     for task in Path(f"/proc/{daemon.proc.pid}/task").iterdir():
         for child in (task / "children").read_text().split():
             cmdline = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
-            if b"ccos_obsd.render" in cmdline:
+            if b"ccos_obsd.metrics.render" in cmdline:
                 pids.append(int(child))
     return pids
 

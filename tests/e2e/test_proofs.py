@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from ccos_obsd.errors import ProofError
 from ccos_obsd.ledger.keys import VerifierKey
-from ccos_obsd.ledger.merkle import ProofError, verify_consistency
+from ccos_obsd.ledger.merkle import verify_consistency
 from ccos_obsd.ledger.note import verify_checkpoint
 from tests.daemon import DaemonProcess, run_cli
 from tests.e2e.ledger_helpers import (

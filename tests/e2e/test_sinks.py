@@ -201,8 +201,8 @@ def test_sigkill_before_the_sink_delivered_loses_nothing_and_duplicates_nothing(
 
 
 def test_a_replay_through_the_daemon_reports_progress_and_reproduces_the_digest(state_dir: Path) -> None:
-    # More entries than wm_ops.REPLAY_INLINE: the replay runs in worker processes.
-    from ccos_obsd.wm_ops import REPLAY_INLINE
+    # More entries than wm.replay.REPLAY_INLINE: the replay runs in worker processes.
+    from ccos_obsd.wm.replay import REPLAY_INLINE
 
     count = REPLAY_INLINE + 5_000
     with running_daemon(state_dir) as daemon:

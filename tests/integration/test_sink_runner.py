@@ -2,28 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from ccos_obsd.actions import validate_action
 from ccos_obsd.ledger import store
-from ccos_obsd.ledger.keys import SigningKey
 from ccos_obsd.ledger.store import StoredEntry
-from ccos_obsd.ledger.writer import LedgerWriter
-from ccos_obsd.sinks.base import SinkRunner, read_cursor
-
-
-def write_ledger(db: Path, count: int) -> None:
-    async def fill() -> None:
-        writer = LedgerWriter(db, SigningKey.generate("test/ccos-obsd"), asyncio.get_running_loop())
-        writer.start()
-        actions = [validate_action({"action_type": "PlanStarted", "plan_id": f"p{n}"}) for n in range(count)]
-        await writer.submit(actions, None)
-        await asyncio.get_running_loop().run_in_executor(None, writer.close)
-
-    asyncio.run(fill())
+from ccos_obsd.sinks.base import SinkRunner
+from tests.integration.ledger_fill import write_ledger
 
 
 class FlakySink:
@@ -61,7 +47,7 @@ def test_a_sink_that_fails_n_times_catches_up_with_no_loss_and_no_duplicate(tmp_
     assert runner.stats.delivered == 250
     conn = store.connect(db, readonly=False)
     try:
-        assert read_cursor(conn, "flaky") == 250
+        assert store.read_sink_cursor(conn, "flaky") == 250
     finally:
         conn.close()
 

@@ -15,12 +15,11 @@ from ccos_obsd.actions import (
     ACTION_TYPES,
     MAX_ID_LENGTH,
     MAX_QUANTITY,
-    ValidatedAction,
-    outcome,
     validate_action,
 )
 from ccos_obsd.errors import InvalidAction
 from ccos_obsd.ledger.canonical import canonical_bytes
+from ccos_obsd.ledger.entry import ValidatedAction, outcome
 
 ID_FIELDS = ["action_id", "parent_action_id", "session_id", "plan_id", "intent_id", "step_id", "function_name"]
 

@@ -14,7 +14,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ccos_obsd.ledger.canonical import NotCanonicalizable, canonical_bytes
+from ccos_obsd.errors import NotCanonicalizable
+from ccos_obsd.ledger.canonical import canonical_bytes
 
 # JSON values as the daemon sees them after parsing a request: finite floats, ints
 # within the interpreter's conversion limit, text without lone surrogates.

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from ccos_obsd.config import KEYS, env_name, load_config
+from ccos_obsd.config import KEYS, default_wm_sink, env_name, load_config
 from ccos_obsd.errors import ConfigError
 
 SHIPPED_CONFIG = Path(__file__).resolve().parents[2] / "config" / "ccos-obsd.toml"
@@ -255,3 +255,38 @@ def test_error_message_says_what_was_given() -> None:
     assert error.key == "socket.max_batch"
     assert str(error).startswith("config socket.max_batch:")
     assert "'lots'" in str(error)
+
+
+# --- where Working Memory lives
+
+
+def test_working_memory_is_a_wm_sink_in_the_state_dir_by_default(tmp_path: Path) -> None:
+    config = load_config(environ={}, overrides={"state_dir": str(tmp_path)})
+    assert config.wm_sink == default_wm_sink(tmp_path)
+    assert config.wm_sink is not None and config.wm_sink.name == "wm"
+    assert config.wm_path == tmp_path / "wm.db"
+
+
+def test_a_configured_wm_sink_names_the_working_memory_file(write_toml: Any, tmp_path: Path) -> None:
+    path = write_toml(
+        f"""
+        state_dir = "{tmp_path}"
+        [[sinks]]
+        type = "jsonl"
+        name = "audit"
+        path = "{tmp_path / 'audit.jsonl'}"
+        [[sinks]]
+        type = "wm"
+        name = "memory"
+        path = "{tmp_path / 'elsewhere.db'}"
+        """
+    )
+    config = load_config(path, environ={})
+    assert config.wm_sink is not None and config.wm_sink.name == "memory"
+    assert config.wm_path == tmp_path / "elsewhere.db"
+
+
+def test_with_working_memory_off_there_is_no_wm_sink_or_path() -> None:
+    config = load_config(environ={"CCOS_OBSD_WM_ENABLED": "false"})
+    assert config.wm_sink is None
+    assert config.wm_path is None

@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
-from ccos_obsd.actions import ACTION_TYPES, outcome, validate_action
+from ccos_obsd.actions import ACTION_TYPES, validate_action
 from ccos_obsd.demo import CAPABILITIES, MAX_ATTEMPTS, TIMEOUT_MS, Workload, run_demo
+from ccos_obsd.ledger.entry import outcome
 
 SAMPLE = 20_000
 

@@ -17,9 +17,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ccos_obsd.errors import StartupError
+from ccos_obsd.errors import KeyFormatError, StartupError
 from ccos_obsd.ledger.keys import (
-    KeyFormatError,
     SigningKey,
     VerifierKey,
     compute_key_id,

@@ -21,13 +21,12 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from ccos_obsd.errors import ObsdError
+from ccos_obsd.errors import ObsdError, ProofError
 from ccos_obsd.ledger.hashing import Hash, leaf_hash
 from ccos_obsd.ledger.merkle import (
     EMPTY_ROOT,
     TILE_WIDTH,
     NodeId,
-    ProofError,
     TiledHashReader,
     TileId,
     TileSpan,

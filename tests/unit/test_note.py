@@ -15,19 +15,22 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ccos_obsd.errors import ObsdError
+from ccos_obsd.errors import (
+    MalformedNoteError,
+    NoteError,
+    NoteSignatureError,
+    ObsdError,
+    ProofError,
+    UntrustedNoteError,
+)
 from ccos_obsd.ledger.hashing import Hash, leaf_hash
 from ccos_obsd.ledger.keys import SigningKey, VerifierKey
-from ccos_obsd.ledger.merkle import NodeId, ProofError, TreeBuilder, inclusion_proof
+from ccos_obsd.ledger.merkle import NodeId, TreeBuilder, inclusion_proof
 from ccos_obsd.ledger.note import (
     MAX_SIGNATURES,
     TLOG_PROOF_HEADER,
     Checkpoint,
-    MalformedNoteError,
-    NoteError,
-    NoteSignatureError,
     TlogProof,
-    UntrustedNoteError,
     build_tlog_proof,
     parse_note,
     sign_checkpoint,

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from ccos_obsd.errors import SystemdEnvironmentError
 from ccos_obsd.systemd import (
     ListenFd,
     Notifier,
     PassedSockets,
-    SystemdEnvironmentError,
     listen_fds,
     notify_address,
     watchdog_interval,

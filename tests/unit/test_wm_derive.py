@@ -1,4 +1,4 @@
-"""Derivation of Working Memory entries from ledger entries (ccos_obsd.wm).
+"""Derivation of Working Memory entries from ledger entries (ccos_obsd.wm.derive), ingested records included.
 
 Stored entries are built as the ledger writer builds them: canonical bytes of
 the action fields plus the daemon's fields, their leaf hash, a key id and a
@@ -19,16 +19,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ccos_obsd.actions import ACTION_TYPES, validate_action
+from ccos_obsd.errors import WmDerivationError
 from ccos_obsd.ledger.canonical import canonical_bytes
 from ccos_obsd.ledger.hashing import CHAIN_ROOT, chain_hash, leaf_hash
 from ccos_obsd.ledger.keys import KeyId
 from ccos_obsd.ledger.store import StoredEntry
-from ccos_obsd.wm import (
+from ccos_obsd.wm.capability import CAPABILITY
+from ccos_obsd.wm.derive import (
     BASE_TAGS,
     MAX_ERROR_CHARS,
-    WmDerivationError,
     WmEntry,
     approx_tokens,
+    derive_wm_entries,
     derive_wm_entry,
 )
 
@@ -365,3 +367,86 @@ def test_any_action_derives_deterministically_with_an_id_independent_of_where_it
     assert len(set(wm.tags)) == len(wm.tags)
     assert wm.meta["seq"] == seq
     assert derive_wm_entry(stored(validated.fields, seq=seq)) == wm
+
+
+# --- the records an ingest call carries (derive_wm_entries)
+
+
+def ingest_call(records: list[Any], mode: str = "batch") -> dict[str, Any]:
+    return call(function_name=CAPABILITY, arguments=[mode, records], duration_ms=1.5, success=True)
+
+
+def test_an_ordinary_entry_derives_only_its_own_wm_entry() -> None:
+    entry = stored(FULL_CALL, seq=4)
+    assert derive_wm_entries(entry) == [derive_wm_entry(entry)]
+
+
+def test_an_ingest_call_derives_its_own_entry_then_one_per_record_in_order() -> None:
+    records = [{"action_id": "r-1", "summary": "one"}, {"action_id": "r-2", "content": "two"}]
+    entry = stored(ingest_call(records), seq=5)
+    derived = derive_wm_entries(entry)
+    assert derived[0] == derive_wm_entry(entry)
+    assert [wm.meta["action_id"] for wm in derived[1:]] == ["r-1", "r-2"]
+
+
+def test_a_record_entry_follows_the_record() -> None:
+    record = {
+        "action_id": "r-1", "kind": "Insight", "provider": "Acme", "summary": "cheaper provider found",
+        "content": "Acme is 20% cheaper", "plan_id": "p-1", "intent_id": "i-1", "step_id": "st-1",
+        "attestation_hash": "att-1", "timestamp_s": 1_700_000_000.5,
+    }
+    wm = derive_wm_entries(stored(ingest_call([record]), seq=9))[1]
+    content_hash = hashlib.sha256(canonical_bytes(record)).hexdigest()
+    assert wm.id == f"wm:r-1:{content_hash}"
+    assert wm.title == "cheaper provider found"
+    assert wm.content == "Acme is 20% cheaper"
+    assert wm.tags == (*BASE_TAGS, "insight", "acme")
+    assert wm.timestamp_s == 1_700_000_000.5
+    assert wm.approx_tokens == approx_tokens("Acme is 20% cheaper")
+    assert dict(wm.meta) == {
+        "action_id": "r-1", "content_hash": content_hash, "seq": 9, "key_id": str(KEY_ID),
+        "ingested_by": CAPABILITY, "signature": base64.b64encode(SIGNATURE).decode("ascii"),
+        "plan_id": "p-1", "intent_id": "i-1", "step_id": "st-1", "provider": "Acme", "attestation_hash": "att-1",
+    }
+
+
+def test_a_record_names_its_own_content_hash_and_falls_back_from_content_to_summary_to_kind() -> None:
+    records = [
+        {"action_id": "r-1", "summary": "only a summary", "content_hash": "given"},
+        {"action_id": "r-2", "kind": "Note"},
+        {"action_id": "r-3"},
+    ]
+    summary_only, kind_only, bare = derive_wm_entries(stored(ingest_call(records), signature=None))[1:]
+    assert summary_only.id == "wm:r-1:given"
+    assert (summary_only.title, summary_only.content) == ("only a summary", "only a summary")
+    assert (kind_only.title, kind_only.content) == ("Note", "Note")
+    assert (bare.title, bare.content, bare.tags[-1]) == ("CapabilityCall", "CapabilityCall", "capabilitycall")
+    assert bare.timestamp_s == 0.0
+    assert "signature" not in bare.meta
+
+
+def test_a_provider_named_like_the_kind_is_one_tag() -> None:
+    wm = derive_wm_entries(stored(ingest_call([{"action_id": "r-1", "kind": "Acme", "provider": "ACME"}])))[1]
+    assert wm.tags == (*BASE_TAGS, "acme")
+
+
+@pytest.mark.parametrize(
+    "action",
+    [
+        ingest_call([{"action_id": "r-1"}], mode="single") | {"action_type": "CapabilityResult"},
+        call(function_name="other.tool", arguments=["batch", [{"action_id": "r-1"}]]),
+        call(function_name="web.search", arguments=[CAPABILITY, [{"action_id": "r-1"}]]),
+        call(function_name=CAPABILITY, arguments=["replay"]),
+        call(function_name=CAPABILITY, arguments=["batch", {"action_id": "r-1"}]),
+        call(function_name=CAPABILITY, arguments=["batch", [{"action_id": "r-1"}], "extra"]),
+        call(function_name=CAPABILITY),
+    ],
+)
+def test_only_an_ingest_call_with_a_record_list_derives_records(action: dict[str, Any]) -> None:
+    assert len(derive_wm_entries(stored(action))) == 1
+
+
+def test_records_without_a_string_action_id_are_skipped() -> None:
+    records = [{"action_id": 7}, "r-2", None, {"summary": "no id"}, {"action_id": "r-5"}]
+    derived = derive_wm_entries(stored(ingest_call(records)))
+    assert [wm.meta["action_id"] for wm in derived[1:]] == ["r-5"]

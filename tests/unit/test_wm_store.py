@@ -1,4 +1,4 @@
-"""The Working Memory store (ccos_obsd.wm_store): idempotent ingest, search, budgets, digest.
+"""The Working Memory store (ccos_obsd.wm.store): idempotent ingest, search, budgets, digest.
 
 Entries are derived from ledger entries built as the writer builds them, so the
 store sees what the sink runner will hand it.
@@ -18,22 +18,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ccos_obsd import wm_store
-from ccos_obsd.errors import InvalidRequest
+from ccos_obsd.errors import InvalidRequest, WmQueryError, WmReadOnlyError
 from ccos_obsd.ledger.canonical import canonical_bytes
 from ccos_obsd.ledger.hashing import CHAIN_ROOT, chain_hash, leaf_hash
 from ccos_obsd.ledger.keys import KeyId
 from ccos_obsd.ledger.store import StoredEntry
-from ccos_obsd.wm import WmEntry, derive_wm_entry
-from ccos_obsd.wm_store import (
+from ccos_obsd.wm import store as wm_store
+from ccos_obsd.wm.derive import WmEntry, derive_wm_entry
+from ccos_obsd.wm.store import (
     MAX_QUERY_TAGS,
     MAX_QUERY_WORDS,
     MAX_SEARCH_LIMIT,
-    WmQueryError,
-    WmReadOnlyError,
     WmStore,
     fts_match_expression,
-    wm_path,
 )
 
 BASE_MS = 1_700_000_000_000
@@ -65,7 +62,7 @@ def seqs(results: Sequence[dict[str, Any]]) -> list[int]:
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[WmStore]:
-    with WmStore(wm_path(tmp_path)) as opened:
+    with WmStore(tmp_path / "wm.db") as opened:
         yield opened
 
 

@@ -1,27 +1,28 @@
-"""Working Memory reads shared by the socket op, the HTTP route and the CLI, and the rebuild.
+"""Replay: Working Memory rebuilt from the ledger (``ccos-obsd replay``, the ``replay`` op).
 
-Searches open the WM store read-only (their own connection); the WM sink keeps
-writing beside them. ``rebuild`` replays the ledger through the same derivation
-the sink uses, so a rebuilt WM has the same digest as the incrementally built one.
+:func:`rebuild` replays the ledger through the same derivation the WM sink uses,
+so a rebuilt WM has the same digest as the incrementally built one;
+:class:`LiveReplay` runs it inside the daemon.
 """
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import sqlite3
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
 
-from ccos_obsd.errors import InvalidRequest, NotFound
-from ccos_obsd.ingestor import derive_wm_entries
+import structlog
+
 from ccos_obsd.ledger import store
-from ccos_obsd.sinks.base import write_cursor
-from ccos_obsd.wm_store import PreparedEntry, WmStore, prepare
+from ccos_obsd.wm.derive import derive_wm_entries
+from ccos_obsd.wm.store import PreparedEntry, WmStore, prepare
 
-SEARCH_FIELDS = frozenset({"text", "tags", "since", "until", "plan_id", "intent_id", "session_id", "limit"})
+log = structlog.get_logger("ccos_obsd.wm")
+
 REPLAY_BATCH = 10_000
 """Large batches: random ids make small WM transactions expensive."""
 REPLAY_WORKERS = 2
@@ -92,32 +93,6 @@ def replay_range(
     return scanned, added
 
 
-def search(path: Path, filters: Mapping[str, Any]) -> list[dict[str, Any]]:
-    for key in filters:
-        if key not in SEARCH_FIELDS:
-            raise InvalidRequest(f"unknown search field {key!r}", field=key)
-    tags = filters.get("tags")
-    if isinstance(tags, str):
-        tags = [t for t in tags.split(",") if t]
-    with _open(path) as wm:
-        return wm.search(
-            text=filters.get("text"), tags=tags, since=filters.get("since"), until=filters.get("until"),
-            plan_id=filters.get("plan_id"), intent_id=filters.get("intent_id"),
-            session_id=filters.get("session_id"), limit=filters.get("limit", 50),
-        )
-
-
-def digest(path: Path) -> dict[str, Any]:
-    with _open(path) as wm:
-        return {"digest": wm.digest(), "entries": wm.count()}
-
-
-def _open(path: Path) -> WmStore:
-    if not path.exists():
-        raise NotFound(f"no Working Memory at {path} (is wm.enabled on, or has it been rebuilt?)")
-    return WmStore.open_readonly(path)
-
-
 def rebuild(
     ledger_db: Path,
     wm_file: Path,
@@ -147,7 +122,63 @@ def rebuild(
         conn.close()
     cursor_conn = store.connect(ledger_db, readonly=False)
     try:
-        write_cursor(cursor_conn, sink_name, head)
+        store.write_sink_cursor(cursor_conn, sink_name, head)
     finally:
         cursor_conn.close()
     return {"scanned_actions": scanned, "ingested": added, "head": head}
+
+
+class LiveReplay:
+    """:func:`rebuild` inside the running daemon: pause the sinks, replay, resume them.
+
+    One replay runs at a time (a second waits for the first). ``progress`` is
+    (ledger entries done, total) while one runs, else None: the ``replay_status``
+    op reads it.
+    """
+
+    def __init__(
+        self,
+        ledger_db: Path,
+        wm_file: Path,
+        sink_name: str,
+        head: Callable[[], int],
+        *,
+        pause_sinks: Callable[[], None],
+        resume_sinks: Callable[[], None],
+    ) -> None:
+        """``head`` gives the ledger's committed size; the sink callables block (they run in an executor)."""
+        self._ledger_db = ledger_db
+        self._wm_file = wm_file
+        self._sink_name = sink_name
+        self._head = head
+        self._pause_sinks = pause_sinks
+        self._resume_sinks = resume_sinks
+        self._lock = asyncio.Lock()
+        self.progress: tuple[int, int] | None = None
+
+    async def run(self, start: int) -> dict[str, int]:
+        """Replay from ``start`` (0: from scratch); answers :func:`rebuild`'s counts."""
+        async with self._lock:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, self._pause_sinks)
+            total = max(0, self._head() - start)  # about: rebuild reads the head again
+            done = 0
+            self.progress = (0, total)
+
+            def advance(count: int) -> None:
+                nonlocal done
+                done += count
+                self.progress = (done, max(total, done))  # from the executor thread: one tuple, swapped whole
+
+            try:
+                result = await loop.run_in_executor(
+                    None,
+                    lambda: rebuild(
+                        self._ledger_db, self._wm_file, start=start, sink_name=self._sink_name, progress=advance
+                    ),
+                )
+            finally:
+                self.progress = None
+                await loop.run_in_executor(None, self._resume_sinks)
+            log.info("wm_replayed", **result)
+            return result

@@ -5,13 +5,14 @@ On a thread of the daemon it would hold the interpreter lock that whole time,
 and an append crosses several threads (socket, writer, signers), each waiting
 for the lock at every hand-over: a scrape every second multiplied appends' p99
 by twenty. So the daemon hands the render to a child process, the renderer
-(``python -m ccos_obsd.render``): it sends the collector's inputs
-(:meth:`LedgerCollector.state`, pickled in about 2 ms) and the scraper's
+(``python -m ccos_obsd.metrics.render``): it sends the collector's inputs
+(:meth:`LedgerCollector.state` encoded by ``metrics.snapshot.dump_state``, the
+encoding of the persisted snapshot, then pickled: about 2 ms) and the scraper's
 ``Accept`` header, and gets back the encoded body. The exposition is
-still ``prometheus_client``'s own encoders over the same collector.
+still ``prometheus_client``'s own encoders over the same families.
 
 Frames on the child's stdin and stdout: one line ``{"accept": ..., "size": N}``
-then N bytes of pickled state; the answer is one line ``{"content_type": ..., "size": N}``
+then N bytes of the pickled state; the answer is one line ``{"content_type": ..., "size": N}``
 then N bytes of body. If the renderer cannot be started or dies, the daemon starts
 a new one at the next scrape, and renders that one scrape on its own thread.
 """
@@ -31,11 +32,10 @@ import structlog
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.exposition import choose_encoder
 
-from ccos_obsd.metrics import LedgerCollector
-from ccos_obsd.sinks.base import DELIVERY_BUCKETS
-from ccos_obsd.sinks.wm import WM_INGEST_BUCKETS
+from ccos_obsd.metrics.collector import LedgerCollector, StateCollector
+from ccos_obsd.metrics.snapshot import dump_state, load_state
 
-log = structlog.get_logger("ccos_obsd.render")
+log = structlog.get_logger("ccos_obsd.metrics.render")
 
 
 class Renderer:
@@ -55,7 +55,7 @@ class Renderer:
         """(body, content type) for a scraper sending ``accept``. Blocking: call it off the event loop."""
         # pickle: the fastest encoder of this data (1.6 ms for 20,000 series, JSON 8 ms), and
         # the only reader is our own child process, over a pipe nobody else holds.
-        state = pickle.dumps(self._collector.state(), protocol=pickle.HIGHEST_PROTOCOL)
+        state = pickle.dumps(dump_state(self._collector.state()), protocol=pickle.HIGHEST_PROTOCOL)
         with self._lock:
             try:
                 if self._process is None or self._process.poll() is not None:
@@ -87,7 +87,7 @@ class Renderer:
 
     def _spawn(self) -> None:
         self._process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-            [sys.executable, "-m", "ccos_obsd.render", str(os.getpid())],
+            [sys.executable, "-m", "ccos_obsd.metrics.render", str(os.getpid())],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         )
 
@@ -121,9 +121,9 @@ def _read_exactly(stream: IO[bytes], size: int) -> bytes:
 
 
 def render_state(state: dict[str, Any], accept: str, daemon_pid: int) -> tuple[bytes, str]:
-    """The exposition of a collector's :meth:`LedgerCollector.state`, as the daemon would render it."""
+    """The exposition of a :func:`dump_state` of the daemon's collector, as the daemon would render it."""
     registry = CollectorRegistry()
-    registry.register(LedgerCollector.from_state(state, DELIVERY_BUCKETS, WM_INGEST_BUCKETS))
+    registry.register(StateCollector(load_state(state)))
     registry.register(ProcessCollector(pid=lambda: daemon_pid, registry=None))
     encoder, content_type = choose_encoder(accept)
     return encoder(registry), content_type

@@ -5,26 +5,19 @@ call is itself two ledger entries: a ``CapabilityCall`` whose ``arguments`` carr
 the mode and the normalized valid records (generated ids and default timestamps
 filled in, so the ledger fixes them), then a ``CapabilityResult`` with the
 duration and outcome. Working Memory derives one entry per carried record from
-the call entry (:func:`derive_wm_entries`), so a WM rebuilt from the ledger
-reproduces the directly ingested records.
+the call entry (:func:`ccos_obsd.wm.derive.derive_wm_entries`), so a WM rebuilt
+from the ledger reproduces the directly ingested records.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import json
 import math
-import time
 from collections.abc import Mapping
-from types import MappingProxyType
 from typing import Any
 
-from ccos_obsd.actions import new_action_id
 from ccos_obsd.errors import InvalidRequest
 from ccos_obsd.ledger.canonical import canonical_bytes
-from ccos_obsd.ledger.store import StoredEntry
-from ccos_obsd.wm import BASE_TAGS, WmEntry, approx_tokens, derive_wm_entry
+from ccos_obsd.ledger.entry import new_action_id
 
 CAPABILITY = "observability.ingestor:v1.ingest"
 MODES = ("single", "batch", "replay")
@@ -87,62 +80,3 @@ def call_actions(mode: str, records: list[dict[str, Any]], result: Mapping[str, 
     outcome = {"action_type": "CapabilityResult", "parent_action_id": call_id, "function_name": CAPABILITY,
                "duration_ms": duration_ms, "success": ok, "result": {"success": ok, "value": dict(result)}}
     return call, outcome
-
-
-_CAPABILITY_BYTES = json.dumps(CAPABILITY).encode()
-
-
-def derive_wm_entries(entry: StoredEntry) -> list[WmEntry]:
-    """Working Memory entries for one ledger entry: its own, plus the records an ingest call carries."""
-    derived = [derive_wm_entry(entry)]
-    if _CAPABILITY_BYTES not in entry.entry:  # most entries: skip parsing the JSON a second time
-        return derived
-    fields = _fields(entry)
-    if fields.get("function_name") != CAPABILITY or fields.get("action_type") != "CapabilityCall":
-        return derived
-    arguments = fields.get("arguments")
-    if not isinstance(arguments, list) or len(arguments) != 2 or not isinstance(arguments[1], list):
-        return derived
-    for record in arguments[1]:
-        if isinstance(record, dict) and isinstance(record.get("action_id"), str):
-            derived.append(_record_entry(record, entry))
-    return derived
-
-
-def _fields(entry: StoredEntry) -> dict[str, Any]:
-    try:
-        fields = json.loads(entry.entry)
-    except ValueError:
-        return {}
-    return fields if isinstance(fields, dict) else {}
-
-
-def _record_entry(record: Mapping[str, Any], entry: StoredEntry) -> WmEntry:
-    kind = str(record.get("kind", DEFAULT_KIND))
-    summary = record.get("summary")
-    content = str(record.get("content") or summary or kind)
-    digest = record.get("content_hash") or hashlib.sha256(canonical_bytes(dict(record))).hexdigest()
-    tags = [*BASE_TAGS, kind.lower()]
-    provider = record.get("provider")
-    if isinstance(provider, str) and provider.lower() not in tags:
-        tags.append(provider.lower())
-    meta: dict[str, Any] = {"action_id": record["action_id"], "content_hash": digest, "seq": entry.seq,
-                            "key_id": str(entry.key_id), "ingested_by": CAPABILITY}
-    if entry.signature is not None:
-        meta["signature"] = base64.b64encode(entry.signature).decode("ascii")
-    for name in ("plan_id", "intent_id", "step_id", "provider", "attestation_hash"):
-        if isinstance(record.get(name), str):
-            meta[name] = record[name]
-    return WmEntry(
-        id=f"wm:{record['action_id']}:{digest}",
-        title=str(summary or kind),
-        content=content,
-        tags=tuple(dict.fromkeys(tags)),
-        timestamp_s=float(record.get("timestamp_s", 0.0)),
-        approx_tokens=approx_tokens(content),
-        meta=MappingProxyType(meta),
-    )
-
-
-def now_s() -> float:
-    return time.time()

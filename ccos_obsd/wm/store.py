@@ -1,6 +1,6 @@
 """The Working Memory store: derived entries in their own SQLite file, searchable.
 
-Layout (``wm.db`` under the state dir, WAL mode, 8 KiB pages):
+Layout (``wm.db`` under the state dir by default, WAL mode, 8 KiB pages):
 
 - ``wm_entries``: one row per entry. ``record`` holds the entry's canonical JSON
   (what searches return and what the digest covers); the other columns index it.
@@ -10,7 +10,7 @@ Layout (``wm.db`` under the state dir, WAL mode, 8 KiB pages):
   given its exact original text, which eviction reads back from the record.
 - ``wm_tags``: one row per (tag, entry), keyed ``(tag, timestamp_s, seq, doc)`` so
   a tag filter reads its newest entries straight off the key. The three tags
-  every derived entry carries (``wm.BASE_TAGS``) are bits of
+  every derived entry carries (``derive.BASE_TAGS``) are bits of
   ``wm_entries.base_tags`` instead: three million rows that say nothing per
   million entries would double the tag index and its write cost.
 - ``wm_stats``: the entry count, the token total, the digest sum and the
@@ -18,7 +18,10 @@ Layout (``wm.db`` under the state dir, WAL mode, 8 KiB pages):
   the same transaction as every change, so ``count()``, ``digest()`` and the
   budget check never scan.
 
-Only this class writes the file: the tables must change together.
+Only this class writes the file: the tables must change together. The
+socket op, the HTTP route and the CLI read through :func:`search` and
+:func:`digest`, which open the file read-only for one read (their own
+connection), so the WM sink keeps writing beside them.
 
 Ingest is idempotent: an entry whose id is already stored is skipped (the first
 delivery wins; within one ledger an id names one entry, so this only matters
@@ -51,11 +54,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, NamedTuple
 
-from ccos_obsd.errors import InvalidRequest, ObsdError
-from ccos_obsd.ledger.store import checked_string
-from ccos_obsd.wm import BASE_TAGS, WmEntry
+from ccos_obsd.errors import NotFound, WmQueryError, WmReadOnlyError
+from ccos_obsd.wm.derive import BASE_TAGS, WmEntry
 
-WM_FILE = "wm.db"
 FORMAT_VERSION = 1
 DEFAULT_SEARCH_LIMIT = 50
 MAX_SEARCH_LIMIT = 10_000
@@ -132,20 +133,14 @@ _INSERT_ENTRY = (
 )
 
 
-def wm_path(state_dir: Path) -> Path:
-    return state_dir / WM_FILE
-
-
-class WmQueryError(InvalidRequest):
-    """A Working Memory search argument is unusable (``field`` names it)."""
-
-
-class WmReadOnlyError(ObsdError):
-    """A write was attempted on a store opened with :meth:`WmStore.open_readonly`."""
-
-
 @dataclass(frozen=True, slots=True)
-class _Query:
+class Search:
+    """A checked Working Memory search: :meth:`checked` makes one, :meth:`WmStore.find` runs it.
+
+    ``match`` is the full-text expression of the text (:func:`fts_match_expression`);
+    ``tags`` are lower case and distinct.
+    """
+
     match: str | None
     tags: tuple[str, ...]
     since: float | None
@@ -154,6 +149,47 @@ class _Query:
     intent_id: str | None
     session_id: str | None
     limit: int
+
+    @classmethod
+    def checked(
+        cls,
+        text: Any = None,
+        tags: Any = None,
+        since: Any = None,
+        until: Any = None,
+        plan_id: Any = None,
+        intent_id: Any = None,
+        session_id: Any = None,
+        limit: Any = DEFAULT_SEARCH_LIMIT,
+    ) -> Search:
+        """The search the arguments of :meth:`WmStore.search` ask for; :class:`WmQueryError` names a bad one."""
+        match = None if text is None else fts_match_expression(text)
+        tag_list: tuple[str, ...] = ()
+        if tags is not None:
+            if isinstance(tags, str | bytes) or not isinstance(tags, Iterable):
+                raise WmQueryError("tags must be a list of strings", field="tags")
+            names = []
+            for tag in tags:
+                if not isinstance(tag, str) or not tag:
+                    raise WmQueryError("each tag must be a non-empty string", field="tags")
+                names.append(_checked(tag, "tags").lower())  # stored tags are lower case (WmEntry)
+            if not names:
+                raise WmQueryError("tags must name at least one tag", field="tags")
+            tag_list = tuple(dict.fromkeys(names))
+            if len(tag_list) > MAX_QUERY_TAGS:
+                raise WmQueryError(f"at most {MAX_QUERY_TAGS} tags", field="tags")
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_SEARCH_LIMIT:
+            raise WmQueryError(f"limit must be an integer from 1 to {MAX_SEARCH_LIMIT}", field="limit")
+        return cls(
+            match=match,
+            tags=tag_list,
+            since=_seconds(since, "since"),
+            until=_seconds(until, "until"),
+            plan_id=None if plan_id is None else _checked(plan_id, "plan_id"),
+            intent_id=None if intent_id is None else _checked(intent_id, "intent_id"),
+            session_id=None if session_id is None else _checked(session_id, "session_id"),
+            limit=limit,
+        )
 
     @property
     def id_filters(self) -> list[tuple[str, str]]:
@@ -398,7 +434,10 @@ class WmStore:
         ``since`` (inclusive) and ``until`` (exclusive) bound ``timestamp_s``.
         Raises :class:`WmQueryError` for unusable arguments.
         """
-        query = _parse_query(text, tags, since, until, plan_id, intent_id, session_id, limit)
+        return self.find(Search.checked(text, tags, since, until, plan_id, intent_id, session_id, limit))
+
+    def find(self, query: Search) -> list[dict[str, Any]]:
+        """:meth:`search` for a search already checked."""
         with self._snapshot():  # one read transaction: a concurrent eviction cannot split the answer
             if query.match is not None:
                 docs = self._text_docs(query)
@@ -410,7 +449,7 @@ class WmStore:
 
     # --- internals
 
-    def _filtered_docs(self, query: _Query) -> list[int]:
+    def _filtered_docs(self, query: Search) -> list[int]:
         """Read an index of wm_entries in (timestamp_s, seq) order; SQLite picks the index."""
         where, params = _entry_filters(query)
         sql = "SELECT e.doc FROM wm_entries AS e"
@@ -419,7 +458,7 @@ class WmStore:
         sql += " ORDER BY e.timestamp_s DESC, e.seq DESC, e.doc DESC LIMIT ?"
         return [doc for (doc,) in self._conn.execute(sql, (*params, query.limit))]
 
-    def _tag_docs(self, query: _Query) -> list[int]:
+    def _tag_docs(self, query: Search) -> list[int]:
         """Each tag's newest entries straight off an index, merged (an entry may carry several tags)."""
         window = ""
         params: list[Any] = []
@@ -449,7 +488,7 @@ class WmStore:
                     break
         return docs
 
-    def _text_docs(self, query: _Query) -> list[int]:
+    def _text_docs(self, query: Search) -> list[int]:
         """The newest ``limit`` full-text matches, without sorting every match.
 
         FTS5 yields matches by doc, and docs follow arrival order, not time. The
@@ -677,7 +716,7 @@ def _rows(cursor: sqlite3.Cursor) -> Iterator[tuple[Any, ...]]:
         yield from chunk
 
 
-def _entry_filters(query: _Query) -> tuple[list[str], list[Any]]:
+def _entry_filters(query: Search) -> tuple[list[str], list[Any]]:
     """WHERE terms over ``wm_entries AS e`` for the id filters, the time window and the tags."""
     where: list[str] = []
     params: list[Any] = []
@@ -724,12 +763,7 @@ def fts_match_expression(text: str) -> str:
     character (letters, digits, private-use characters: the unicode61 tokenizer's
     defaults) are dropped; text left with no word raises :class:`WmQueryError`.
     """
-    if not isinstance(text, str):
-        raise WmQueryError("text must be a string", field="text")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise WmQueryError("text is not valid Unicode (lone surrogate)", field="text") from None
+    text = _checked(text, "text")
     # NUL ends an FTS5 string literal; it is a separator anyway.
     words = [word for word in text.replace("\x00", " ").split() if any(map(_is_token_char, word))]
     if not words:
@@ -744,43 +778,8 @@ def _is_token_char(char: str) -> bool:
     return category[0] in "LN" or category == "Co"
 
 
-def _parse_query(
-    text: Any, tags: Any, since: Any, until: Any, plan_id: Any, intent_id: Any, session_id: Any, limit: Any
-) -> _Query:
-    match = None if text is None else fts_match_expression(text)
-    tag_list: tuple[str, ...] = ()
-    if tags is not None:
-        if isinstance(tags, str | bytes) or not isinstance(tags, Iterable):
-            raise WmQueryError("tags must be a list of strings", field="tags")
-        names = []
-        for tag in tags:
-            if not isinstance(tag, str) or not tag:
-                raise WmQueryError("each tag must be a non-empty string", field="tags")
-            names.append(_checked(tag, "tags").lower())  # stored tags are lower case (WmEntry)
-        if not names:
-            raise WmQueryError("tags must name at least one tag", field="tags")
-        tag_list = tuple(dict.fromkeys(names))
-        if len(tag_list) > MAX_QUERY_TAGS:
-            raise WmQueryError(f"at most {MAX_QUERY_TAGS} tags", field="tags")
-    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_SEARCH_LIMIT:
-        raise WmQueryError(f"limit must be an integer from 1 to {MAX_SEARCH_LIMIT}", field="limit")
-    return _Query(
-        match=match,
-        tags=tag_list,
-        since=_seconds(since, "since"),
-        until=_seconds(until, "until"),
-        plan_id=None if plan_id is None else _checked(plan_id, "plan_id"),
-        intent_id=None if intent_id is None else _checked(intent_id, "intent_id"),
-        session_id=None if session_id is None else _checked(session_id, "session_id"),
-        limit=limit,
-    )
-
-
-def _checked(value: Any, field: str) -> str:
-    try:
-        return checked_string(value, field)
-    except InvalidRequest as exc:
-        raise WmQueryError(exc.message, field=field) from None
+_checked = WmQueryError.check_string
+"""A string SQLite can bind and FTS5 can read (UTF-8 encodable), or :class:`WmQueryError`."""
 
 
 def _seconds(value: Any, field: str) -> float | None:
@@ -795,3 +794,27 @@ def _seconds(value: Any, field: str) -> float | None:
     if not math.isfinite(seconds):
         raise WmQueryError(f"{field} must be finite", field=field)
     return seconds
+
+
+# --- one read of a store file (the socket op, the HTTP route and the CLI)
+
+SEARCH_FIELDS = frozenset({"text", "tags", "since", "until", "plan_id", "intent_id", "session_id", "limit"})
+"""The arguments of :meth:`Search.checked`, as a request names them."""
+
+
+def search(path: Path, query: Search) -> list[dict[str, Any]]:
+    """The entries of the store at ``path`` that ``query`` finds."""
+    with _open(path) as wm:
+        return wm.find(query)
+
+
+def digest(path: Path) -> dict[str, Any]:
+    """The digest and entry count of the store at ``path``."""
+    with _open(path) as wm:
+        return {"digest": wm.digest(), "entries": wm.count()}
+
+
+def _open(path: Path) -> WmStore:
+    if not path.exists():
+        raise NotFound(f"no Working Memory at {path} (is wm.enabled on, or has it been rebuilt?)")
+    return WmStore.open_readonly(path)

@@ -1,4 +1,4 @@
-"""Working Memory entries derived from ledger entries (CCOS's WM sink, SEP-013/SEP-023).
+"""Working Memory entries derived from ledger entries (CCOS's WM sink, SEP-013/SEP-023; SEP-024 records).
 
 Derivation is pure and deterministic: the same stored entry always gives the
 same :class:`WmEntry`, so a Working Memory rebuilt from the ledger equals the one
@@ -7,7 +7,7 @@ built entry by entry.
 Content hash
     ``content_hash`` is the SHA-256 (hex) of the canonical JSON bytes of the
     *action* the entry records: the entry's fields minus the ones the daemon adds
-    (``v``, ``seq``, ``recorded_at_ms``, ``peer``; ``actions.DAEMON_FIELDS``).
+    (``v``, ``seq``, ``recorded_at_ms``, ``peer``; ``ledger.entry.DAEMON_FIELDS``).
     These are exactly the bytes the ledger compares to detect a duplicate append
     (``ValidatedAction.content()``), so a client can compute the hash from the
     action it sent, and the same action content gives the same id wherever and
@@ -48,6 +48,20 @@ Meta
     else ``provenance.attestation_hash``, else CCOS's ``metadata.signature``) and
     ``provenance`` (the action's object, as recorded). Absent fields are omitted,
     as in the ledger.
+
+Records of an ingest call
+    A ``CapabilityCall`` of ``observability.ingestor:v1.ingest``
+    (:mod:`ccos_obsd.wm.capability`) also gives one entry per record its
+    ``arguments`` carry (``[mode, [record, ...]]``), so a Working Memory rebuilt
+    from the ledger reproduces the records ingested directly. Such an entry's id
+    is ``wm:{record action_id}:{hash}``, the hash being the record's
+    ``content_hash``, else SHA-256 of its canonical JSON; title ``summary``, else
+    ``kind``; content ``content``, else ``summary``, else ``kind``; tags the base
+    tags, the kind and the provider (lower case); ``timestamp_s`` the record's.
+    Meta: ``action_id``, ``content_hash``, ``seq``, ``key_id``, ``ingested_by``
+    (the capability), ``signature`` when the call entry is signed, and the
+    record's ``plan_id``, ``intent_id``, ``step_id``, ``provider`` and
+    ``attestation_hash`` when present.
 """
 
 from __future__ import annotations
@@ -62,28 +76,17 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from ccos_obsd.actions import DAEMON_FIELDS, outcome
-from ccos_obsd.errors import ObsdError
+from ccos_obsd.errors import WmDerivationError
 from ccos_obsd.ledger.canonical import canonical_bytes
+from ccos_obsd.ledger.entry import DAEMON_FIELDS, outcome
 from ccos_obsd.ledger.store import StoredEntry
+from ccos_obsd.wm.capability import CAPABILITY, DEFAULT_KIND
 
 BASE_TAGS = ("causal-chain", "distillation", "wisdom")
 """Tags every derived entry carries (CCOS's WM sink)."""
 
 MAX_ERROR_CHARS = 200
 """Longest ``error=`` part of the content; the ledger keeps the whole message."""
-
-
-class WmDerivationError(ObsdError):
-    """A stored entry is not a JSON object with an action_id and an action_type."""
-
-    def __init__(self, seq: int, problem: str) -> None:
-        super().__init__(f"seq {seq}: cannot derive a Working Memory entry: {problem}")
-        self.seq = seq
-        self.problem = problem
-
-    def __reduce__(self) -> tuple[type[WmDerivationError], tuple[int, str]]:
-        return WmDerivationError, (self.seq, self.problem)  # crosses from replay's worker processes
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,6 +269,61 @@ def derive_wm_entry(entry: StoredEntry) -> WmEntry:
         content=content,
         tags=_tags(action_type, provider),
         timestamp_s=time_ms / 1000,
+        approx_tokens=approx_tokens(content),
+        meta=MappingProxyType(meta),
+    )
+
+
+def derive_wm_entries(entry: StoredEntry) -> list[WmEntry]:
+    """Working Memory entries for one ledger entry: its own, plus the records an ingest call carries."""
+    derived = [derive_wm_entry(entry)]
+    if _CAPABILITY_BYTES not in entry.entry:  # most entries: skip parsing the JSON a second time
+        return derived
+    fields = _fields(entry)
+    if fields.get("function_name") != CAPABILITY or fields.get("action_type") != "CapabilityCall":
+        return derived
+    arguments = fields.get("arguments")
+    if not isinstance(arguments, list) or len(arguments) != 2 or not isinstance(arguments[1], list):
+        return derived
+    for record in arguments[1]:
+        if isinstance(record, dict) and isinstance(record.get("action_id"), str):
+            derived.append(_record_entry(record, entry))
+    return derived
+
+
+_CAPABILITY_BYTES = json.dumps(CAPABILITY).encode()
+
+
+def _fields(entry: StoredEntry) -> dict[str, Any]:
+    try:
+        fields = json.loads(entry.entry)
+    except ValueError:
+        return {}
+    return fields if isinstance(fields, dict) else {}
+
+
+def _record_entry(record: Mapping[str, Any], entry: StoredEntry) -> WmEntry:
+    kind = str(record.get("kind", DEFAULT_KIND))
+    summary = record.get("summary")
+    content = str(record.get("content") or summary or kind)
+    digest = record.get("content_hash") or hashlib.sha256(canonical_bytes(dict(record))).hexdigest()
+    tags = [*BASE_TAGS, kind.lower()]
+    provider = record.get("provider")
+    if isinstance(provider, str) and provider.lower() not in tags:
+        tags.append(provider.lower())
+    meta: dict[str, Any] = {"action_id": record["action_id"], "content_hash": digest, "seq": entry.seq,
+                            "key_id": str(entry.key_id), "ingested_by": CAPABILITY}
+    if entry.signature is not None:
+        meta["signature"] = base64.b64encode(entry.signature).decode("ascii")
+    for name in ("plan_id", "intent_id", "step_id", "provider", "attestation_hash"):
+        if isinstance(record.get(name), str):
+            meta[name] = record[name]
+    return WmEntry(
+        id=f"wm:{record['action_id']}:{digest}",
+        title=str(summary or kind),
+        content=content,
+        tags=tuple(dict.fromkeys(tags)),
+        timestamp_s=float(record.get("timestamp_s", 0.0)),
         approx_tokens=approx_tokens(content),
         meta=MappingProxyType(meta),
     )

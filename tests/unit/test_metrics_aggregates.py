@@ -1,4 +1,4 @@
-"""Metric aggregates and the Prometheus collector over them (DESIGN.md, "Metric families")."""
+"""Metric aggregates: what each entry counts where (DESIGN.md, "Metric families")."""
 
 from __future__ import annotations
 
@@ -8,25 +8,16 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from prometheus_client import CollectorRegistry, generate_latest
+from structlog.testing import capture_logs
 
-from ccos_obsd.metrics import (
+from ccos_obsd.metrics.aggregates import (
     DEFAULT_DURATION_BUCKETS,
+    EXEMPLAR_MAX_CHARS,
+    OTHER,
     Aggregates,
     Histogram,
-    LedgerCollector,
-    LiveGauges,
 )
-
-
-def action(action_type: str = "CapabilityCall", **fields: Any) -> dict[str, Any]:
-    return {"action_type": action_type, **fields}
-
-
-def observed(*entries: dict[str, Any], buckets: tuple[float, ...] = DEFAULT_DURATION_BUCKETS) -> Aggregates:
-    aggregates = Aggregates(buckets)
-    aggregates.observe_entries(entries)
-    return aggregates
+from tests.unit.metrics_helpers import action, entry, observed
 
 
 def bucket_counts(histogram: Histogram) -> dict[str, float]:
@@ -302,104 +293,81 @@ def test_totals_equal_sums_over_the_observed_entries(entries: list[dict[str, Any
                 assert dict(histogram.buckets())["+Inf"] == len(timed)
 
 
-# --- LedgerCollector and exposition
-
-LEDGER_FAMILIES = {
-    # name in the exposition: TYPE
-    "ccos_actions_total": "counter",
-    "ccos_capability_calls_total": "counter",
-    "ccos_capability_duration_seconds": "histogram",
-    "ccos_function_calls_total": "counter",
-    "ccos_function_duration_seconds": "histogram",
-    "ccos_cost_total": "counter",
-    "ccos_capability_cost_total": "counter",
-    "ccos_ledger_entries": "gauge",
-    "ccos_commit_duration_seconds": "histogram",
-    "ccos_ingest_requests_total": "counter",
-}
-"""DESIGN.md's families that the ledger collector owns. (The sink and Working Memory
-families, ccos_sink_* and ccos_wm_ingest_duration_seconds, belong to the sinks.)"""
+# --- exemplars
 
 
-@pytest.fixture
-def aggregates() -> Aggregates:
-    aggregates = observed(
-        action("CapabilityCall", function_name="ccos.echo", success=True, cost=0.5, duration_ms=5),
-        action("CapabilityCall", function_name="ccos.echo", success=False, cost=0.25, duration_ms=120),
-        action("CapabilityCall", function_name="ccos.echo"),
-        action("CapabilityResult", function_name="ccos.echo", result={"success": True}),
-        action("PlanStarted", cost=1),
-    )
-    aggregates.observe_commit(0.003, 1)
-    aggregates.count_request("append", "ok")
-    aggregates.count_request("append", "invalid_action")
-    return aggregates
+def test_each_bucket_keeps_the_latest_observation_as_its_exemplar() -> None:
+    aggregates = Aggregates()
+    aggregates.observe_entries([entry(0, duration_ms=30), entry(1, duration_ms=40), entry(2, duration_ms=700)])
+    histogram = aggregates.snapshot().capability_durations["web.search"]
+    by_le = {b[0]: b for b in histogram.buckets()}
+    assert by_le["0.05"][2].labels == {"action_id": "a-1", "seq": "1"}  # 40 ms replaced 30 ms
+    assert by_le["0.05"][2].value == pytest.approx(0.040)
+    assert by_le["0.05"][2].timestamp == pytest.approx(1_700_000_000.001)
+    assert by_le["1.0"][2].labels == {"action_id": "a-2", "seq": "2"}
+    assert len(by_le["0.005"]) == 2  # a bucket nothing fell in has no exemplar
 
 
-@pytest.fixture
-def registry(aggregates: Aggregates) -> CollectorRegistry:
-    registry = CollectorRegistry()
-    registry.register(LedgerCollector(aggregates, LiveGauges(connections_open=3), lambda: 7))
-    return registry
+def test_an_exemplar_never_exceeds_the_openmetrics_limit() -> None:
+    long_id = "x" * 200
+    aggregates = Aggregates()
+    aggregates.observe_entries([entry(3, action_id=long_id)])
+    exemplar = aggregates.snapshot().capability_durations["web.search"].buckets()[3][2]
+    assert exemplar.labels == {"seq": "3"}
+    fitting_id = "y" * (EXEMPLAR_MAX_CHARS - len("action_id") - len("seq") - 1)
+    aggregates.observe_entries([entry(4, action_id=fitting_id)])
+    exemplar = aggregates.snapshot().capability_durations["web.search"].buckets()[3][2]
+    assert exemplar.labels == {"action_id": fitting_id, "seq": "4"}
 
 
-def test_collector_samples(registry: CollectorRegistry) -> None:
-    value = registry.get_sample_value
-    assert value("ccos_actions_total", {"action_type": "CapabilityCall"}) == 3
-    assert value("ccos_actions_total", {"action_type": "CapabilityResult"}) == 1
-    assert value("ccos_actions_total", {"action_type": "PlanStarted"}) == 1
-    assert value("ccos_capability_calls_total", {"capability": "ccos.echo", "outcome": "success"}) == 1
-    assert value("ccos_capability_calls_total", {"capability": "ccos.echo", "outcome": "failure"}) == 1
-    assert value("ccos_capability_calls_total", {"capability": "ccos.echo", "outcome": "unknown"}) == 1
-    assert value("ccos_function_calls_total", {"function": "ccos.echo", "outcome": "success"}) == 2
-    assert value("ccos_cost_total") == 1.75
-    assert value("ccos_capability_cost_total", {"capability": "ccos.echo"}) == 0.75
-    assert value("ccos_ledger_entries") == 5
-    assert value("ccos_ingest_requests_total", {"op": "append", "result": "ok"}) == 1
-    assert value("ccos_ingest_requests_total", {"op": "append", "result": "invalid_action"}) == 1
-    assert value("ccos_connections_open") == 3
-    assert value("ccos_pending_appends") == 7
+# --- cardinality guard
 
 
-def test_collector_histograms(registry: CollectorRegistry) -> None:
-    value = registry.get_sample_value
-    labels = {"capability": "ccos.echo"}
-    assert value("ccos_capability_duration_seconds_bucket", labels | {"le": "0.005"}) == 1
-    assert value("ccos_capability_duration_seconds_bucket", labels | {"le": "0.1"}) == 1
-    assert value("ccos_capability_duration_seconds_bucket", labels | {"le": "0.25"}) == 2
-    assert value("ccos_capability_duration_seconds_bucket", labels | {"le": "+Inf"}) == 2
-    assert value("ccos_capability_duration_seconds_count", labels) == 2
-    assert value("ccos_capability_duration_seconds_sum", labels) == pytest.approx(0.125)
-    assert value("ccos_function_duration_seconds_count", {"function": "ccos.echo"}) == 2
-    assert value("ccos_commit_duration_seconds_count") == 1
-    assert value("ccos_commit_duration_seconds_bucket", {"le": "0.0025"}) == 0
-    assert value("ccos_commit_duration_seconds_bucket", {"le": "0.005"}) == 1
+def test_values_beyond_the_limit_are_counted_under_other() -> None:
+    aggregates = Aggregates(max_label_values=3)
+    with capture_logs() as logs:
+        aggregates.observe_entries(entry(i, function_name=f"cap.{i % 5}") for i in range(10))
+    snap = aggregates.snapshot()
+    assert sorted(snap.capabilities) == sorted(["cap.0", "cap.1", "cap.2", OTHER])
+    assert sum(s.by_outcome["unknown"] for s in snap.capabilities.values()) == 10
+    assert snap.capabilities[OTHER].by_outcome["unknown"] == 4  # cap.3 and cap.4, twice each
+    assert sorted(snap.capability_durations) == sorted(snap.capabilities)
+    assert snap.label_overflow == {
+        "ccos_capability_calls_total": 4,
+        "ccos_capability_cost_total": 4,
+        "ccos_capability_duration_seconds": 4,
+        "ccos_function_calls_total": 4,
+        "ccos_function_duration_seconds": 4,
+    }
+    warnings = [x for x in logs if x["event"] == "metrics_label_overflow"]
+    assert sorted(x["family"] for x in warnings) == sorted(snap.label_overflow)  # one per family
 
 
-def test_no_zero_outcome_series_are_invented(registry: CollectorRegistry) -> None:
-    assert registry.get_sample_value(
-        "ccos_function_calls_total", {"function": "ccos.echo", "outcome": "failure"}
-    ) == 1
-    assert registry.get_sample_value(
-        "ccos_capability_calls_total", {"capability": "nope", "outcome": "success"}
-    ) is None
+def test_action_types_are_guarded_too() -> None:
+    aggregates = Aggregates(max_label_values=2)
+    kinds = ("PlanStarted", "PlanCompleted", "PlanAborted", "PlanStarted")
+    aggregates.observe_entries({"action_type": kind} for kind in kinds)
+    snap = aggregates.snapshot()
+    assert snap.actions_by_type == {"PlanStarted": 2, "PlanCompleted": 1, OTHER: 1}
+    assert snap.label_overflow == {"ccos_actions_total": 1}
+    assert snap.entries == 4
 
 
-def test_collector_reflects_entries_observed_after_registration(
-    registry: CollectorRegistry, aggregates: Aggregates
-) -> None:
-    aggregates.observe_entries([action("PlanStarted")])
-    assert registry.get_sample_value("ccos_ledger_entries") == 6
-    assert registry.get_sample_value("ccos_actions_total", {"action_type": "PlanStarted"}) == 2
+# --- this process's counters
 
 
-@pytest.mark.parametrize("populated", [True, False])
-def test_exposition_has_help_and_type_for_every_family(populated: bool, aggregates: Aggregates) -> None:
-    registry = CollectorRegistry()
-    source = aggregates if populated else Aggregates()
-    registry.register(LedgerCollector(source, LiveGauges(), lambda: 0))
-    text = generate_latest(registry).decode("utf-8")
-    lines = text.splitlines()
-    for name, kind in LEDGER_FAMILIES.items():
-        assert any(line.startswith(f"# HELP {name} ") and len(line) > len(f"# HELP {name} ") for line in lines), name
-        assert f"# TYPE {name} {kind}" in lines, name
+def test_errors_are_counted_as_refused_frames_by_code() -> None:
+    aggregates = Aggregates()
+    answers = (("append", "ok"), ("invalid", "bad_json"), ("append", "invalid_action"), ("invalid", "bad_json"))
+    for op, result in answers:
+        aggregates.count_request(op, result)
+    assert aggregates.snapshot().refused == {"bad_json": 2, "invalid_action": 1}
+
+
+def test_commit_batch_sizes_are_a_histogram() -> None:
+    aggregates = Aggregates()
+    for size in (1, 3, 500):
+        aggregates.observe_commit(0.001, size)
+    batches = aggregates.snapshot().commit_batches
+    assert dict((b[0], b[1]) for b in batches.buckets())["5.0"] == 2.0
+    assert batches.total == 504
