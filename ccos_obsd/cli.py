@@ -10,11 +10,13 @@ import argparse
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import json
 import os
 import sys
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TypeAlias
@@ -79,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # --help lists the commands in this order.
     for add_command in (_add_run, _add_send, _add_export, _add_verify, _add_keys, _add_prove,
-                        _add_wm, _add_replay, _add_backup, _add_query, _add_demo):
+                        _add_wm, _add_replay, _add_backup, _add_query, _add_stats, _add_logs, _add_demo):
         add_command(commands)
     return parser
 
@@ -192,7 +194,8 @@ def _add_wm(commands: Commands) -> None:
 def _add_replay(commands: Commands) -> None:
     replay = commands.add_parser("replay", help="rebuild Working Memory from the ledger",
                                  description="Replay the ledger into Working Memory through the WM sink's "
-                                 "derivation (from scratch, or --from SEQ), with a progress bar. Offline: the "
+                                 "derivation (from scratch, or --from SEQ), keeping the budgets wm.max_entries / "
+                                 "wm.max_tokens as the sink does, with a progress bar. Offline: the "
                                  "daemon must be stopped (the state dir is locked while it runs); with --socket the "
                                  "running daemon replays (its WM sink pauses meanwhile).")
     _config_args(replay)
@@ -217,21 +220,55 @@ def _add_backup(commands: Commands) -> None:
 
 def _add_query(commands: Commands) -> None:
     query = commands.add_parser("query", help="query the ledger (NDJSON records)",
-                                description="Print matching entries, oldest first (--desc: newest first), "
-                                "from the running daemon, or read-only from --state-dir when given.")
+                                description="Print matching entries, oldest first (--desc: newest first; "
+                                "--order time: by timestamp_ms, then seq, as CCOS orders a plan's execution "
+                                "trace), from the running daemon, or read-only from --state-dir when given. "
+                                "--run-id and --step-id also match the results of a matching call.")
     _config_args(query)
     _socket_arg(query)
     query.add_argument("--offline", action="store_true",
                        help="read the state dir instead of asking the daemon (implied by --state-dir)")
     for name in ("intent-id", "plan-id", "session-id", "action-type", "parent-action-id",
-                 "function-name", "function-prefix", "run-id"):
+                 "function-name", "function-prefix", "run-id", "step-id"):
         query.add_argument(f"--{name}", metavar="VALUE")
     query.add_argument("--since-ms", type=int, metavar="MS", help="timestamp_ms >= MS")
     query.add_argument("--until-ms", type=int, metavar="MS", help="timestamp_ms < MS")
     query.add_argument("--after-seq", type=int, metavar="SEQ", help="page after this seq")
     query.add_argument("--limit", type=int, default=store.DEFAULT_QUERY_LIMIT, metavar="N")
-    query.add_argument("--desc", action="store_true", help="newest first")
+    order = query.add_mutually_exclusive_group()
+    order.add_argument("--order", choices=("asc", "desc", "time"), default="asc",
+                       help="asc (default): by seq; desc: newest first; time: by timestamp_ms, then seq "
+                       "(not with --after-seq)")
+    order.add_argument("--desc", dest="order", action="store_const", const="desc", help="newest first (--order desc)")
     query.set_defaults(func=cmd_query)
+
+
+def _add_stats(commands: Commands) -> None:
+    stats = commands.add_parser("stats", help="calls, outcomes, durations and cost (JSON), from the running daemon",
+                                description="Print the stats op's answer as JSON: entries, total cost, and per "
+                                "capability and function the calls, successes, failures, cost and durations; "
+                                "--plan-id / --intent-id add that plan's or intent's cost. Asks the running "
+                                "daemon only (its aggregates live in its memory); --state-dir or --config only "
+                                "say where its socket is.")
+    _config_args(stats)
+    _socket_arg(stats)
+    for name in ("plan-id", "intent-id", "capability", "function"):
+        stats.add_argument(f"--{name}", metavar="VALUE")
+    stats.set_defaults(func=cmd_stats)
+
+
+def _add_logs(commands: Commands) -> None:
+    logs = commands.add_parser("logs", help="the daemon's recent log lines (NDJSON)",
+                               description="Print the daemon's most recent log lines (its in-memory ring of "
+                               "log.ring_size lines), one JSON object per line, oldest first. --follow then "
+                               "keeps asking for the lines that follow and prints them as they come, until "
+                               "Ctrl-C (exit 0); a line the ring dropped before it could be read is reported on "
+                               "stderr. Asks the running daemon only.")
+    _config_args(logs)
+    _socket_arg(logs)
+    logs.add_argument("-n", type=int, default=50, metavar="N", help="how many recent lines (default 50)")
+    logs.add_argument("--follow", "-f", action="store_true", help="keep printing new lines until interrupted")
+    logs.set_defaults(func=cmd_logs)
 
 
 def _add_demo(commands: Commands) -> None:
@@ -346,19 +383,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_query(args: argparse.Namespace) -> int:
     filters: dict[str, Any] = {}
     for name in ("intent_id", "plan_id", "session_id", "action_type", "parent_action_id",
-                 "function_name", "function_prefix", "run_id", "since_ms", "until_ms", "after_seq"):
+                 "function_name", "function_prefix", "run_id", "step_id", "since_ms", "until_ms", "after_seq"):
         value = getattr(args, name)
         if value is not None:
             filters[name] = value
     filters["limit"] = args.limit
-    if args.desc:
-        filters["order"] = "desc"
+    if args.order != "asc":
+        filters["order"] = args.order
     if args.offline or args.state_dir is not None:
+        from ccos_obsd.errors import RequestError
+        from ccos_obsd.ops import parse_entry_query
+
+        try:
+            query = parse_entry_query(filters)
+        except RequestError as exc:
+            raise UsageError(exc.message) from None
         conn = _open_ledger(args)
         try:
-            from ccos_obsd.ops import parse_entry_query
-
-            records = [e.query_record() for e in store.query_entries(conn, parse_entry_query(filters))]
+            records = [e.query_record() for e in store.query_entries(conn, query)]
         finally:
             conn.close()
     else:
@@ -367,9 +409,67 @@ def cmd_query(args: argparse.Namespace) -> int:
                 records = client.query(**filters)
             except RemoteError as exc:
                 raise UsageError(exc.message) from None
-    for record in records:
-        sys.stdout.write(json.dumps(record, separators=(",", ":"), ensure_ascii=False) + "\n")
+    _print_ndjson(records)
     return EXIT_OK
+
+
+def _print_ndjson(items: list[dict[str, Any]]) -> None:
+    sys.stdout.write("".join(json.dumps(item, separators=(",", ":"), ensure_ascii=False) + "\n" for item in items))
+    sys.stdout.flush()
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    names = ("plan_id", "intent_id", "capability", "function")
+    filters = {name: value for name in names if (value := getattr(args, name)) is not None}
+    with _connect(args) as client:
+        try:
+            answer = client.stats(**filters)
+        except RemoteError as exc:
+            raise UsageError(exc.message) from None
+    answer.pop("ok")
+    print(json.dumps(answer, indent=2, ensure_ascii=False))
+    return EXIT_OK
+
+
+FOLLOW_INTERVAL_S = 0.5
+"""How often ``logs --follow`` asks for new lines when it has caught up."""
+FOLLOW_PAGE = 1000
+"""Most lines ``logs --follow`` asks for at once; a full page is followed by the next at once."""
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    with _connect(args) as client:
+        answer = _read_logs(client, {"n": args.n})
+        _print_ndjson(answer["lines"])
+        if args.follow:
+            with contextlib.suppress(KeyboardInterrupt):  # the way to stop following: not an error
+                _follow_logs(client, answer["last"])
+    return EXIT_OK
+
+
+def _read_logs(client: Client, request: dict[str, Any]) -> dict[str, Any]:
+    answer = client.request({"op": "logs", **request})
+    if not answer.get("ok"):
+        raise UsageError(RemoteError.from_answer(answer).message)
+    return answer
+
+
+def _follow_logs(client: Client, last: int) -> None:
+    """Print the lines after line ``last`` as the daemon logs them, until interrupted.
+
+    Lines are numbered by the daemon's ring, so a line is printed once even when
+    others are identical to it; lines the ring dropped before they were read are
+    counted on stderr.
+    """
+    while True:
+        answer = _read_logs(client, {"n": FOLLOW_PAGE, "after": last})
+        if answer["missed"]:
+            print(f"ccos-obsd logs: {answer['missed']} lines were dropped from the daemon's ring before they "
+                  "could be read (log.ring_size)", file=sys.stderr)
+        _print_ndjson(answer["lines"])
+        last = answer["last"]
+        if len(answer["lines"]) < FOLLOW_PAGE:
+            time.sleep(FOLLOW_INTERVAL_S)
 
 
 def cmd_prove(args: argparse.Namespace) -> int:
@@ -455,6 +555,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from ccos_obsd.config import default_wm_sink
     from ccos_obsd.statedir import state_dir_lock
     from ccos_obsd.wm.replay import rebuild
+    from ccos_obsd.wm.store import Budgets
 
     if args.socket is not None:
         with _connect(args) as client, _RemoteProgress(args, _connect(args)) as progress:
@@ -476,7 +577,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
         conn = store.connect(db, readonly=True)
         progress.total = max(0, store.read_head(conn).size - args.start)
         conn.close()
-        result = rebuild(db, sink.path, start=args.start, sink_name=sink.name, progress=progress.update)
+        budgets = Budgets.from_settings(config.wm.max_entries, config.wm.max_tokens)  # as the WM sink keeps them
+        result = rebuild(db, sink.path, start=args.start, sink_name=sink.name, progress=progress.update,
+                         budgets=budgets)
     progress.close()
     print(json.dumps({"mode": "replay", **result}))
     return EXIT_OK

@@ -1,7 +1,7 @@
 """Python clients for the daemon's socket: blocking (:class:`Client`) and asyncio (:class:`AsyncClient`).
 
 Both speak the NDJSON protocol of docs/protocol.md. The helpers (``append``,
-``get``, ...) raise :class:`~ccos_obsd.errors.RemoteError` on an error answer;
+``get``, ``ingest``, ...) raise :class:`~ccos_obsd.errors.RemoteError` on an error answer;
 ``request`` returns the raw answer. ``Client.pipeline`` sends many lines and
 yields their answers in order, reading and writing at once so neither side
 stalls.
@@ -15,9 +15,12 @@ import socket
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ccos_obsd.errors import RemoteError
+from ccos_obsd.wm.capability import CAPABILITY as INGESTOR
+
+IngestMode = Literal["single", "batch", "replay"]
 
 Answer = dict[str, Any]
 _READ_LIMIT = 64 * 1024 * 1024
@@ -31,6 +34,12 @@ def _checked(answer: Answer) -> Answer:
     if not answer.get("ok"):
         raise RemoteError.from_answer(answer)
     return answer
+
+
+def _ingest_request(mode: IngestMode, records: Any) -> dict[str, Any]:
+    """A call of the ingestor capability: ``records`` is one record (single), a list (batch), None (replay)."""
+    args = [mode] if records is None else [mode, records]
+    return {"op": "call", "capability": INGESTOR, "args": args}
 
 
 def answers_expected(line: bytes) -> bool:
@@ -145,6 +154,11 @@ class Client:
         lines: list[Answer] = _checked(self.request({"op": "logs", "n": n}))["lines"]
         return lines
 
+    def ingest(self, mode: IngestMode, records: Any = None) -> Answer:
+        """Call ``observability.ingestor:v1.ingest``; answers its result (``mode``, ``ingested``, ``errors``)."""
+        result: Answer = _checked(self.request(_ingest_request(mode, records)))["result"]
+        return result
+
 
 class AsyncClient:
     """An asyncio connection to the daemon; requests may be pipelined with ``send``/``receive``."""
@@ -209,3 +223,8 @@ class AsyncClient:
     async def ping(self) -> int:
         head: int = _checked(await self.request({"op": "ping"}))["head"]
         return head
+
+    async def ingest(self, mode: IngestMode, records: Any = None) -> Answer:
+        """Call ``observability.ingestor:v1.ingest``; answers its result (see ``Client.ingest``)."""
+        result: Answer = _checked(await self.request(_ingest_request(mode, records)))["result"]
+        return result

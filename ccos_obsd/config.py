@@ -1,7 +1,8 @@
 """Configuration: one frozen ``Config``, loaded and validated in one place.
 
 Precedence: embedded defaults < TOML file < ``CCOS_OBSD_*`` environment
-variables < command-line flags. Every problem raises ``ConfigError`` naming the
+variables (and CCOS's own names for four of them: ``ENV_ALIASES``) < command-line
+flags. Every problem raises ``ConfigError`` naming the
 key; only the command line turns it into exit code 2.
 """
 
@@ -73,6 +74,7 @@ class MetricsConfig:
     max_label_values: int
     snapshot_interval_s: float
     created_series: bool = False
+    max_open_calls: int = 65_536
 
 
 @dataclass(frozen=True)
@@ -300,6 +302,7 @@ KEYS: dict[str, tuple[Any, Callable[[Any], Any]]] = {
     "checkpoint.interval": (1.0, _seconds),
     "metrics.duration_buckets": (list(DEFAULT_DURATION_BUCKETS), _buckets),
     "metrics.max_label_values": (1000, _int_range(1, 1_000_000)),
+    "metrics.max_open_calls": (65_536, _int_range(1, 100_000_000)),
     "metrics.snapshot_interval": (30.0, _seconds),
     "metrics.created_series": (False, _bool),
     "log.level": ("info", _level),
@@ -314,6 +317,15 @@ KEYS: dict[str, tuple[Any, Callable[[Any], Any]]] = {
 _SINK_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _SINK_OPTIONS = {"wm": {"type", "name", "batch", "path"},
                  "jsonl": {"type", "name", "batch", "path", "max_bytes", "keep"}}
+
+
+ENV_ALIASES = {
+    "CCOS_WM_MAX_ENTRIES": "wm.max_entries",
+    "CCOS_WM_MAX_TOKENS": "wm.max_tokens",
+    "CCOS_ENABLE_WM_INGESTOR": "wm.enabled",
+    "CCOS_LOG_BUFFER_CAPACITY": "log.ring_size",
+}
+"""CCOS's environment switches, read as these keys, so a CCOS deployment's settings carry over."""
 
 
 def env_name(key: str) -> str:
@@ -374,7 +386,8 @@ def _read_toml(file: Path) -> dict[str, Any]:
 
 def _from_environ(environ: Mapping[str, str]) -> dict[str, str]:
     by_env = {env_name(key): key for key in KEYS}
-    found: dict[str, str] = {}
+    # CCOS's names first: the CCOS_OBSD_* name of the same key, read next, wins.
+    found = {key: environ[name] for name, key in ENV_ALIASES.items() if name in environ}
     for name, value in environ.items():
         if not name.startswith(ENV_PREFIX) or name == ENV_CONFIG_FILE:
             continue
@@ -455,6 +468,7 @@ def _build(v: dict[str, Any], raw_sinks: Any = ()) -> Config:
             max_label_values=v["metrics.max_label_values"],
             snapshot_interval_s=v["metrics.snapshot_interval"],
             created_series=v["metrics.created_series"],
+            max_open_calls=v["metrics.max_open_calls"],
         ),
         log=LogConfig(level=v["log.level"], ring_size=v["log.ring_size"]),
         actions=ActionsConfig(allow_custom_types=v["actions.allow_custom_types"]),

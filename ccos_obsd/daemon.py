@@ -39,16 +39,18 @@ from ccos_obsd.ledger.writer import CommittedEntry, LedgerWriter
 from ccos_obsd.listen import bind_http, bind_ingest_socket, server_address
 from ccos_obsd.log import LogRing, configure_logging, lifecycle_log, log_committed
 from ccos_obsd.metrics.aggregates import Aggregates, LiveGauges, SinkView, WmView
+from ccos_obsd.metrics.calls import LedgerCalls
 from ccos_obsd.metrics.collector import LedgerCollector
 from ccos_obsd.metrics.render import Renderer
 from ccos_obsd.metrics.snapshot import MetricsSnapshots
-from ccos_obsd.ops import Ops
+from ccos_obsd.ops import Ops, WmDeliveredFn
 from ccos_obsd.protocol import ConnectionRegistry
 from ccos_obsd.reload import plan_reload
 from ccos_obsd.sinks.host import SinkHost
 from ccos_obsd.statedir import key_path, load_signing_key, state_dir_lock
 from ccos_obsd.systemd import Notifier, PassedSockets, watchdog_interval
 from ccos_obsd.wm.replay import LiveReplay
+from ccos_obsd.wm.store import Budgets
 
 log = structlog.get_logger("ccos_obsd.daemon")
 
@@ -79,7 +81,9 @@ class Daemon:
         self._stop = asyncio.Event()
         self._reload_wanted = asyncio.Event()
         self.log_ring = LogRing(config.log.ring_size)
-        self.aggregates = Aggregates(config.metrics.duration_buckets, config.metrics.max_label_values)
+        self.aggregates = Aggregates(
+            config.metrics.duration_buckets, config.metrics.max_label_values, config.metrics.max_open_calls
+        )
         self.gauges = LiveGauges()
         self._size_checked_at = float("-inf")
         self._sinks: SinkHost | None = None
@@ -118,6 +122,9 @@ class Daemon:
         key = load_signing_key(config)
         writer, damage = self._open_ledger(db, key)
         self._writer = writer
+        calls = LedgerCalls(db)
+        resources.callback(calls.close)
+        self.aggregates.call_lookup = calls
         snapshots = MetricsSnapshots(db, self.aggregates)
         ledger_created = snapshots.restore().ledger_created
         self._sinks = SinkHost(config, db, lambda: writer.head.size) if config.sinks else None
@@ -132,7 +139,8 @@ class Daemon:
             resources.push_async_callback(asyncio.to_thread, self._sinks.stop, SINK_CATCH_UP_S)
         readers = store.ReaderPool(db)
         resources.callback(readers.close)
-        self._ops = Ops(config, writer, readers.read, self.aggregates, self.log_ring, self._live_replay(db))
+        self._ops = Ops(config, writer, readers.read, self.aggregates, self.log_ring, self._live_replay(db),
+                        self._wm_delivered())
         resources.push_async_callback(self._ops.close)
         self._connections = ConnectionRegistry(config, self._ops, self.gauges)
         registry, renderer = self._metrics_registry(ledger_created)
@@ -178,7 +186,7 @@ class Daemon:
         writer.add_commit_listener(self._measure_ledger)
         writer.add_commit_listener(lambda entries, seconds: log_committed(entries))
         if sinks is not None:
-            writer.add_commit_listener(lambda entries, seconds: sinks.notify())
+            writer.add_commit_listener(sinks.on_commit)  # wakes the sink host; notes the time for the lag
 
     async def _listen(
         self, resources: contextlib.AsyncExitStack, registry: CollectorRegistry, renderer: Renderer
@@ -203,7 +211,15 @@ class Daemon:
         return LiveReplay(
             db, wm_sink.path, wm_sink.name, lambda: self._writer.head.size,
             pause_sinks=sinks.stop, resume_sinks=lambda: sinks.restart(self.config),
+            budgets=Budgets.from_settings(self.config.wm.max_entries, self.config.wm.max_tokens),
         )
+
+    def _wm_delivered(self) -> WmDeliveredFn | None:
+        """What an ingest call awaits: the WM sink's cursor past its entry (None: Working Memory is off)."""
+        wm_sink, sinks = self.config.wm_sink, self._sinks
+        if wm_sink is None or sinks is None:
+            return None
+        return lambda through, timeout_s: sinks.wait_delivered(wm_sink.name, through, timeout_s)
 
     def _metrics_registry(self, ledger_created: float) -> tuple[CollectorRegistry, Renderer]:
         writer = self._writer
@@ -261,7 +277,8 @@ class Daemon:
         return [] if self._sinks is None else self._sinks.views()
 
     def _wm_view(self) -> WmView | None:
-        return None if self._sinks is None else self._sinks.wm_view()
+        entries = None if self._sinks is None else self._sinks.wm_entries()
+        return None if entries is None else WmView(entries, self._ops.ingest_durations())
 
     # --- under a service manager: status, watchdog, reload
 

@@ -8,6 +8,12 @@ governance approvals for sensitive capabilities, budget warnings and extensions,
 and aborted plans. Several sessions run interleaved. The same seed and run id
 give the same actions, field for field.
 
+Most capability calls are recorded as CCOS's ``record_result`` records them: a
+``CapabilityCall`` without an outcome, then a ``CapabilityResult`` child carrying
+the outcome, duration and cost, and the call's ``run_id``/``step_id``. Calls of
+the local file system are recorded once, already complete, as runtimes that log
+a call after it returned do.
+
 :func:`run_demo` is the shell: it sends the stream to the daemon at a steady rate,
 paced against a monotonic clock, and stamps each action with the client's clock.
 """
@@ -54,10 +60,12 @@ class CapabilityProfile:
     """How often agents pick it, relative to the others."""
     needs_approval: bool = False
     """Side effects outside the host: governance approves each use first."""
+    paired: bool = True
+    """Recorded as a call, then its result; False: one call entry carrying the outcome."""
 
 
 CAPABILITIES: tuple[CapabilityProfile, ...] = (
-    CapabilityProfile("fs.read", 2.0, 0.7, 0.005, 0.0, 10),
+    CapabilityProfile("fs.read", 2.0, 0.7, 0.005, 0.0, 10, paired=False),
     CapabilityProfile("sql.query", 8.0, 0.9, 0.02, 0.0, 8),
     CapabilityProfile("vector.search", 12.0, 0.5, 0.005, 0.00005, 8),
     CapabilityProfile("llm.embed", 40.0, 0.4, 0.01, 0.0001, 6),
@@ -66,7 +74,7 @@ CAPABILITIES: tuple[CapabilityProfile, ...] = (
     CapabilityProfile("web.fetch", 350.0, 0.8, 0.08, 0.0, 5),
     CapabilityProfile("translate.text", 300.0, 0.5, 0.03, 0.0005, 2),
     CapabilityProfile("llm.complete", 1200.0, 0.6, 0.03, 0.01, 6),
-    CapabilityProfile("fs.write", 4.0, 0.7, 0.01, 0.0, 3, needs_approval=True),
+    CapabilityProfile("fs.write", 4.0, 0.7, 0.01, 0.0, 3, needs_approval=True, paired=False),
     CapabilityProfile("email.send", 250.0, 0.5, 0.05, 0.001, 1, needs_approval=True),
     CapabilityProfile("code.exec", 600.0, 1.0, 0.12, 0.003, 2, needs_approval=True),
 )
@@ -233,26 +241,20 @@ class Workload:
             cost = self._cost(capability.cost) if capability.cost else 0.0
             budget.spent += cost
             spent_ms += duration_ms
+            completion: dict[str, Any] = {"duration_ms": duration_ms, "cost": cost, "success": not failed}
+            if error is not None:
+                completion["error"] = error
             call_fields: dict[str, Any] = {
                 "function_name": capability.name,
                 "arguments": [f"input-{self._random.randrange(10_000)}"],
-                "duration_ms": duration_ms,
-                "cost": cost,
-                "success": not failed,
-                "metadata": {"attempt": attempt},
+                "metadata": {"attempt": attempt, "step_id": context["step_id"]},
             }
-            if error is not None:
-                call_fields["error"] = error
-            call = self._action("CapabilityCall", context, parent_action_id=parent, **call_fields)
-            yield call
-            result: Action = {"success": not failed,
-                              "metadata": {"run_id": self.run_id, "step_id": context["step_id"]}}
-            if not failed:
-                result["value"] = {"items": self._random.randint(0, 20)}
-            result_fields: dict[str, Any] = {"function_name": capability.name, "result": result}
-            if error is not None:
-                result_fields["error"] = error
-            yield self._action("CapabilityResult", context, parent_action_id=call["action_id"], **result_fields)
+            if capability.paired:
+                call = self._action("CapabilityCall", context, parent_action_id=parent, **call_fields)
+                yield call
+                yield self._result(context, call, completion)
+            else:
+                yield self._action("CapabilityCall", context, parent_action_id=parent, **call_fields, **completion)
             if not failed:
                 return True, spent_ms
             if attempt < MAX_ATTEMPTS:
@@ -262,6 +264,15 @@ class Workload:
                                    metadata={"attempt": attempt + 1, "backoff_ms": backoff_ms,
                                              "capability": capability.name})
         return False, spent_ms
+
+    def _result(self, context: dict[str, str], call: Action, completion: dict[str, Any]) -> Action:
+        """The ``CapabilityResult`` of ``call``, as CCOS's ``record_result`` writes it."""
+        correlation = {"run_id": self.run_id, "step_id": context["step_id"]}
+        result: Action = {"success": completion["success"], "metadata": correlation}
+        if completion["success"]:
+            result["value"] = {"items": self._random.randint(0, 20)}
+        return self._action("CapabilityResult", context, parent_action_id=call["action_id"],
+                            function_name=call["function_name"], result=result, **completion, metadata=correlation)
 
     def _account(self, context: dict[str, str], parent: str, budget: Budget, step: _StepState) -> Steps:
         yield self._action("BudgetConsumptionRecorded", context, parent_action_id=parent,

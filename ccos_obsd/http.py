@@ -31,6 +31,9 @@ RENDERER_KEY = web.AppKey("renderer", object)  # a Renderer (its own process), o
 _STATUS = {"not_found": 404, "unavailable": 503, "forbidden": 403, "internal": 500}
 """HTTP status of an error answer's code; every other code is the client's mistake (400)."""
 
+LOG_HEADERS = {"last": "Ccos-Log-Last", "missed": "Ccos-Log-Missed"}
+"""The ``logs`` answer's line numbers, as headers beside the NDJSON lines (for ``after``)."""
+
 Shape = Callable[[Answer], web.Response]
 Params = Callable[[web.Request], dict[str, Any]]
 
@@ -46,7 +49,7 @@ def build_app(
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     read_routes: list[tuple[str, str, Params, Shape]] = [
-        ("/v1/logs", "logs", _query(ints=("n",)), _ndjson("lines")),
+        ("/v1/logs", "logs", _query(ints=("n", "after")), _ndjson("lines", LOG_HEADERS)),
         ("/v1/entries/{seq}", "get", _path("seq", int), _json("record")),
         ("/v1/actions/{action_id}", "get", _path("action_id", str), _json("record")),
         ("/v1/query", "query", _query(ints=("since_ms", "until_ms", "after_seq", "limit")), _ndjson("records")),
@@ -129,10 +132,13 @@ def _json(key: str | None = None) -> Shape:
     return shape
 
 
-def _ndjson(key: str) -> Shape:
+def _ndjson(key: str, headers: dict[str, str] | None = None) -> Shape:
+    """``answer[key]`` one item per line; ``headers`` maps other answer fields to response headers."""
+
     def shape(answer: Answer) -> web.Response:
         body = "".join(_dumps(item) + "\n" for item in answer[key])
-        return web.Response(text=body, content_type="application/x-ndjson")
+        extra = {header: str(answer[field]) for field, header in (headers or {}).items() if field in answer}
+        return web.Response(text=body, content_type="application/x-ndjson", headers=extra)
 
     return shape
 

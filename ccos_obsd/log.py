@@ -2,7 +2,8 @@
 
 journald (or whoever reads stdout) keeps the full stream; the ring keeps the
 last ``log.ring_size`` lines in memory for the ``logs`` socket op and
-``GET /v1/logs``.
+``GET /v1/logs``, numbered so that a reader that polls (``ccos-obsd logs
+--follow``) can ask for the lines after the last one it saw.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 import threading
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol, TextIO
 
@@ -30,23 +32,50 @@ def _dumps(obj: Any, **_: Any) -> str:
     return _ENCODER.encode(obj)
 
 
+@dataclass(frozen=True, slots=True)
+class RingPage:
+    """Lines read from a :class:`LogRing`, oldest first."""
+
+    lines: list[str]
+    last: int
+    """The number of the newest line this page covers: ask for the lines ``after`` it next."""
+    missed: int = 0
+    """Lines after the reader's ``after`` that the ring no longer holds."""
+
+
 class LogRing:
-    """The most recent rendered log lines (thread-safe: deque append is atomic)."""
+    """The most recent rendered log lines, numbered 1, 2, ... in the order they were added.
+
+    The numbers tell a polling reader which lines are new: identical lines, or many
+    lines with one ``ts``, stay distinct. Lines come from the event loop and from the
+    ledger writer's thread; one lock keeps numbers and order in step.
+    """
 
     def __init__(self, capacity: int) -> None:
         self._lines: deque[str] = deque(maxlen=capacity)
+        self._newest = 0
+        self._lock = threading.Lock()
 
     def append(self, line: str) -> None:
-        self._lines.append(line)
+        with self._lock:
+            self._lines.append(line)
+            self._newest += 1
 
     def extend(self, lines: list[str]) -> None:
-        self._lines.extend(lines)
+        with self._lock:
+            self._lines.extend(lines)
+            self._newest += len(lines)
 
-    def recent(self, n: int) -> list[str]:
-        if n <= 0:
-            return []
-        lines = list(self._lines)
-        return lines[-n:]
+    def read(self, n: int, after: int | None = None) -> RingPage:
+        """The newest ``n`` lines; or, ``after`` a line number, the oldest ``n`` lines that follow it."""
+        with self._lock:
+            lines, newest = list(self._lines), self._newest
+        if after is None:
+            return RingPage(lines[-n:] if n > 0 else [], newest)
+        first = newest - len(lines) + 1  # the number of lines[0]
+        start = max(0, after + 1 - first)
+        page = lines[start:start + n]
+        return RingPage(page, first + start + len(page) - 1 if page else after, max(0, first - after - 1))
 
 
 class _RingAndStreamLogger:

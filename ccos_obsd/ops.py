@@ -19,8 +19,9 @@ import asyncio
 import json
 import os
 import re
+import threading
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -43,7 +44,7 @@ from ccos_obsd.ledger import proofs, store
 from ccos_obsd.ledger.entry import ValidatedAction
 from ccos_obsd.ledger.writer import AppendOutcome, AppendResult, LedgerWriter
 from ccos_obsd.log import LogRing
-from ccos_obsd.metrics.aggregates import Aggregates
+from ccos_obsd.metrics.aggregates import Aggregates, Histogram
 from ccos_obsd.wm import capability
 from ccos_obsd.wm import store as wm_store
 from ccos_obsd.wm.replay import LiveReplay
@@ -54,6 +55,8 @@ Answer = dict[str, Any]
 Role = Literal["write", "read", "admin"]
 ReadFn = Callable[[Callable[[Any], Any]], "asyncio.Future[Any]"]
 """Runs a function of a read-only ledger connection off the event loop."""
+WmDeliveredFn = Callable[[int, float], Awaitable[bool]]
+"""``(through, timeout_s)``: waits until Working Memory took every entry below seq ``through``; False on timeout."""
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
 
@@ -105,14 +108,19 @@ class Ops:
         aggregates: Aggregates,
         log_ring: LogRing,
         replay: LiveReplay | None = None,
+        wm_delivered: WmDeliveredFn | None = None,
     ) -> None:
+        """``replay`` and ``wm_delivered`` are None when Working Memory is off."""
         self._config = config
         self._writer = writer
         self._read = read
         self.aggregates = aggregates
         self._log_ring = log_ring
         self._replay = replay
+        self._wm_delivered = wm_delivered
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._ingest_lock = threading.Lock()
+        self._ingest_durations = Histogram(capability.DURATION_BUCKETS)
         self.accepting_writes = True
 
     def reconfigure(self, config: Config) -> None:
@@ -122,6 +130,11 @@ class Ops:
     @property
     def config(self) -> Config:
         return self._config
+
+    def ingest_durations(self) -> Histogram:
+        """``ccos_wm_ingest_duration_seconds``: each ingest call's whole duration (a copy, for renders)."""
+        with self._ingest_lock:
+            return self._ingest_durations.copy()
 
     @staticmethod
     def lookup(name: str) -> Op | None:
@@ -224,7 +237,13 @@ class Ops:
         return Later(future, lambda outcomes: _batch_answer(slots, outcomes))
 
     def capability_call(self, request: dict[str, Any], caller: Caller) -> Reply:
-        """A local capability call; ``observability.ingestor:v1.ingest`` is the one there is."""
+        """A local capability call; ``observability.ingestor:v1.ingest`` is the one there is.
+
+        The call is recorded as CCOS records one: its CapabilityCall (carrying the
+        records) is appended now, in request order; once that is committed and
+        Working Memory has taken it (:meth:`_complete_call`), its CapabilityResult
+        carries the duration of the whole call.
+        """
         _only(request, {"capability", "args"})
         name = request.get("capability")
         if name != capability.CAPABILITY:
@@ -232,8 +251,8 @@ class Ops:
             raise InvalidRequest(f"unknown capability {shown!r} (known: {capability.CAPABILITY})", field="capability")
         started = time.perf_counter()
         mode, raw_records = capability.parse_call(request.get("args"))
-        if mode == "replay":
-            return self._start(self._replay_call(started, caller))
+        if mode == "replay" and self._replay is None:
+            raise Unavailable("Working Memory is off (wm.enabled = false)")
         records: list[dict[str, Any]] = []
         errors: list[dict[str, Any]] = []
         now = time.time()
@@ -244,35 +263,51 @@ class Ops:
                 errors.append({"index": index, "reason": str(exc)})
         if mode == "single" and errors:
             raise InvalidRequest(f"record: {errors[0]['reason']}", field="args")
+        self._check_writable(1)
+        call = capability.call_action(mode, records)
+        committed = self._writer.submit([validate_action(call)], caller.peer)
         result = {"mode": mode, "ingested": len(records), "errors": errors}
-        return self._record_call(mode, records, result, started, caller)
+        return self._start(self._complete_call(call["action_id"], committed, result, started, caller))
 
-    def _record_call(
-        self, mode: str, records: list[dict[str, Any]], result: dict[str, Any], started: float, caller: Caller
-    ) -> Later:
-        ok = bool(records) or not result.get("errors")
-        duration_ms = round((time.perf_counter() - started) * 1000, 3)
-        call, outcome = capability.call_actions(mode, records, result, duration_ms, ok)
-        actions = [validate_action(call), validate_action(outcome)]
-        self._check_writable()
-        future = self._writer.submit(actions, caller.peer)
+    async def _complete_call(
+        self, call_id: str, committed: asyncio.Future[list[AppendOutcome]], result: dict[str, Any],
+        started: float, caller: Caller,
+    ) -> Answer:
+        """Wait for the call's commit, then Working Memory (a replay, or the WM sink's delivery); record the result.
 
-        def answer(outcomes: list[AppendOutcome]) -> Answer:
-            for appended in outcomes:
-                if not isinstance(appended, AppendResult):
-                    return error_answer(appended)
-            return {"ok": True, "result": result}
+        With Working Memory off the records are on the ledger all the same, and the
+        duration ends at the commit. ``result["delivered"]`` tells whether Working
+        Memory had the records when the call answered (False after
+        ``WM_DELIVERY_TIMEOUT_S``: they arrive later, from the sink's cursor).
+        """
+        appended = (await committed)[0]
+        if not isinstance(appended, AppendResult):
+            return error_answer(appended)
+        try:
+            if result["mode"] == "replay" and self._replay is not None:
+                replayed = await self._replay.run(0)
+                result.update(ingested=replayed["ingested"], scanned_actions=replayed["scanned_actions"])
+            result["delivered"] = self._wm_delivered is not None and await self._wm_delivered(
+                appended.seq + 1, capability.WM_DELIVERY_TIMEOUT_S)
+        except Exception as exc:
+            await self._record_result(call_id, result, started, caller, error=f"{type(exc).__name__}: {exc}")
+            raise
+        return await self._record_result(call_id, result, started, caller)
 
-        return Later(future, answer)
-
-    async def _replay_call(self, started: float, caller: Caller) -> Answer:
-        if self._replay is None:
-            return error_answer(Unavailable("Working Memory is off (wm.enabled = false)"))
-        replayed = await self._replay.run(0)
-        result = {"mode": "replay", "ingested": replayed["ingested"], "errors": [],
-                  "scanned_actions": replayed["scanned_actions"]}
-        later = self._record_call("replay", [], result, started, caller)
-        return later.transform(await later.future)
+    async def _record_result(
+        self, call_id: str, result: dict[str, Any], started: float, caller: Caller, error: str | None = None
+    ) -> Answer:
+        """Append the CapabilityResult of call ``call_id`` with the duration so far; answer once it is committed."""
+        seconds = time.perf_counter() - started
+        with self._ingest_lock:
+            self._ingest_durations.observe(seconds)
+        ok = error is None and (bool(result["ingested"]) or not result["errors"])
+        outcome = capability.result_action(call_id, result, round(seconds * 1000, 3), ok, error)
+        # Not refused while shutting down: the drain waits for this call, and the writer takes appends until then.
+        recorded = (await self._writer.submit([validate_action(outcome)], caller.peer))[0]
+        if not isinstance(recorded, AppendResult):
+            return error_answer(recorded)
+        return {"ok": True, "result": result}
 
     # --- reads
 
@@ -298,11 +333,17 @@ class Ops:
         )
 
     def logs(self, request: dict[str, Any], caller: Caller) -> Reply:
-        _only(request, {"n"})
-        n = request.get("n", 50)
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise InvalidRequest("n must be a non-negative integer", field="n")
-        return {"ok": True, "lines": [json.loads(line) for line in self._log_ring.recent(n)]}
+        """The newest ``n`` log lines; with ``after`` (a line number), the oldest ``n`` lines after it."""
+        _only(request, {"n", "after"})
+        n, after = request.get("n", 50), request.get("after")
+        for key, value in (("n", n), ("after", after)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise InvalidRequest(f"{key} must be a non-negative integer", field=key)
+        page = self._log_ring.read(n, after)
+        answer: Answer = {"ok": True, "lines": [json.loads(line) for line in page.lines], "last": page.last}
+        if after is not None:
+            answer["missed"] = page.missed
+        return answer
 
     def stats(self, request: dict[str, Any], caller: Caller) -> Reply:
         _only(request, {"capability", "function", "plan_id", "intent_id"})
@@ -487,8 +528,11 @@ def parse_entry_query(request: dict[str, Any]) -> store.EntryQuery:
         if key not in store.QUERY_FILTERS:
             raise InvalidRequest(f"unknown query filter {key!r}", field=key)
     order = request.get("order", "asc")
-    if order not in ("asc", "desc"):
-        raise InvalidRequest("order must be 'asc' or 'desc'", field="order")
+    if order not in ("asc", "desc", "time"):
+        raise InvalidRequest("order must be 'asc', 'desc' or 'time'", field="order")
+    if order == "time" and "after_seq" in request:
+        # A time-ordered trace is not in seq order, so "after this seq" is no page boundary.
+        raise InvalidRequest("after_seq pages in seq order; it does not apply to order 'time'", field="after_seq")
     limit = checked_int(request["limit"], "limit") if "limit" in request else store.DEFAULT_QUERY_LIMIT
     if not 1 <= limit <= store.MAX_QUERY_LIMIT:
         raise InvalidRequest(f"limit must be between 1 and {store.MAX_QUERY_LIMIT}", field="limit")
@@ -503,6 +547,7 @@ def parse_entry_query(request: dict[str, Any]) -> store.EntryQuery:
         equal={key: checked_string(request[key], key) for key in store.EQUALITY_FILTERS if key in request},
         function_prefix=optional_string("function_prefix"),
         run_id=optional_string("run_id"),
+        step_id=optional_string("step_id"),
         since_ms=optional_int("since_ms"),
         until_ms=optional_int("until_ms"),
         after_seq=optional_int("after_seq"),

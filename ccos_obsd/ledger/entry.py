@@ -108,6 +108,10 @@ def new_action_id() -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
+RESULT_TYPES = frozenset({"CapabilityResult"})
+"""Action types that record the result of their parent (a ``CapabilityCall``), as CCOS's ``record_result`` does."""
+
+
 def outcome(fields: Mapping[str, Any]) -> str:
     """``success``, ``failure`` or ``unknown``: from ``result.success``, else ``success``."""
     result = fields.get("result")

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from ccos_obsd.ledger.entry import NewEntry
+from ccos_obsd.ledger.entry import RESULT_TYPES, NewEntry
 from ccos_obsd.ledger.hashing import CHAIN_ROOT, HASH_SIZE, Hash
 from ccos_obsd.ledger.keys import KeyId, VerifierKey
 from ccos_obsd.ledger.merkle import TILE_WIDTH, TileAppend, TiledHashReader, TileId
@@ -218,6 +218,29 @@ def get_entry(
     return None if row is None else StoredEntry.from_row(row)
 
 
+def entry_before(conn: sqlite3.Connection, action_id: str, before_seq: int) -> dict[str, Any] | None:
+    """The fields of the entry ``action_id`` if it is in the ledger before ``before_seq``."""
+    row = conn.execute("SELECT entry FROM entries WHERE action_id = ? AND seq < ?", (action_id, before_seq)).fetchone()
+    if row is None:
+        return None
+    fields: dict[str, Any] = json.loads(row[0])
+    return fields
+
+
+def has_child_between(
+    conn: sqlite3.Connection, parent_id: str, types: Iterable[str], after_seq: int, before_seq: int
+) -> bool:
+    """Whether an entry of one of ``types`` with parent ``parent_id`` lies strictly between the two seqs."""
+    wanted = sorted(types)
+    marks = ",".join("?" * len(wanted))
+    row = conn.execute(
+        "SELECT 1 FROM entries WHERE parent_action_id = ? AND seq > ? AND seq < ? "
+        f"AND action_type IN ({marks}) LIMIT 1",
+        (parent_id, after_seq, before_seq, *wanted),
+    ).fetchone()
+    return row is not None
+
+
 MAX_QUERY_LIMIT = 10_000
 DEFAULT_QUERY_LIMIT = 100
 
@@ -228,8 +251,9 @@ EQUALITY_FILTERS = frozenset({
 })
 """Query filters that match one indexed column (of the same name) exactly."""
 QUERY_FILTERS = EQUALITY_FILTERS | {
-    "function_prefix", "since_ms", "until_ms", "after_seq", "limit", "order", "run_id",
+    "function_prefix", "since_ms", "until_ms", "after_seq", "limit", "order", "run_id", "step_id",
 }
+QueryOrder = Literal["asc", "desc", "time"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,19 +263,42 @@ class EntryQuery:
     equal: Mapping[str, str] = field(default_factory=dict)
     function_prefix: str | None = None
     run_id: str | None = None
+    step_id: str | None = None
     since_ms: int | None = None
     until_ms: int | None = None
     after_seq: int | None = None
     limit: int = DEFAULT_QUERY_LIMIT
-    order: Literal["asc", "desc"] = "asc"
+    order: QueryOrder = "asc"
+
+
+_RUN_ID = "? IN (json_extract({t}.entry, '$.metadata.run_id'), json_extract({t}.entry, '$.result.metadata.run_id'))"
+_STEP_ID = "? = json_extract({t}.entry, '$.step_id')"
+_ORDER_BY = {"asc": "seq ASC", "desc": "seq DESC", "time": "time_ms ASC, seq ASC"}
+
+
+def _with_results(condition: str, value: str) -> tuple[str, list[Any]]:
+    """``condition`` (with ``value``) on an entry (``{t}`` is its table), or on the call a result records.
+
+    CCOS's results inherit ``run_id`` and ``step_id`` from their call, so a result
+    matches when its parent matches. The parent is found through the unique
+    ``action_id`` index: one lookup per result row, on top of the scan the
+    condition itself needs (neither field has an index).
+    """
+    types = ", ".join("?" * len(RESULT_TYPES))
+    sql = (f"({condition.format(t='entries')} OR (action_type IN ({types}) AND EXISTS ("
+           f"SELECT 1 FROM entries AS parent WHERE parent.action_id = entries.parent_action_id"
+           f" AND {condition.format(t='parent')})))")
+    return sql, [value, *sorted(RESULT_TYPES), value]
 
 
 def query_entries(conn: sqlite3.Connection, query: EntryQuery) -> list[StoredEntry]:
-    """CCOS's chain queries: any combination of the filters, newest or oldest first.
+    """CCOS's chain queries: any combination of the filters, oldest or newest first, or by time.
 
     ``since_ms``/``until_ms`` bound ``timestamp_ms`` (the recording time where the
     client gave none), inclusive and exclusive. ``after_seq`` pages forward (for
-    ``order: "asc"``) or backward (``"desc"``).
+    ``order: "asc"``) or backward (``"desc"``). ``order: "time"`` is CCOS's
+    execution trace: by ``timestamp_ms``, then seq. ``run_id`` and ``step_id`` also
+    match the results of a matching call (see ``_with_results``).
     """
     where: list[str] = []
     params: list[Any] = []
@@ -261,23 +308,24 @@ def query_entries(conn: sqlite3.Connection, query: EntryQuery) -> list[StoredEnt
     if query.function_prefix is not None:
         where.append("function_name >= ? AND function_name < ?")
         params += [query.function_prefix, query.function_prefix + "\U0010ffff"]
-    if query.run_id is not None:
-        # Not indexed: CCOS keeps run_id in free-form metadata.
-        where.append(
-            "(json_extract(entry, '$.metadata.run_id') = ? OR json_extract(entry, '$.result.metadata.run_id') = ?)"
-        )
-        params += [query.run_id, query.run_id]
+    # Not indexed: CCOS keeps run_id in free-form metadata, and step_id is not a column.
+    for condition, value in ((_RUN_ID, query.run_id), (_STEP_ID, query.step_id)):
+        if value is not None:
+            clause, clause_params = _with_results(condition, value)
+            where.append(clause)
+            params += clause_params
     for bound, op in ((query.since_ms, ">="), (query.until_ms, "<")):
         if bound is not None:
             where.append(f"time_ms {op} ?")
             params.append(bound)
     if query.after_seq is not None:
-        where.append("seq > ?" if query.order == "asc" else "seq < ?")
+        # order "time" does not page by seq: ops.parse_entry_query refuses that combination.
+        where.append("seq < ?" if query.order == "desc" else "seq > ?")
         params.append(query.after_seq)
     sql = f"SELECT {ENTRY_COLUMNS} FROM entries"
     if where:
         sql += " WHERE " + " AND ".join(where)
-    sql += f" ORDER BY seq {query.order.upper()} LIMIT ?"
+    sql += f" ORDER BY {_ORDER_BY[query.order]} LIMIT ?"
     params.append(query.limit)
     return [StoredEntry.from_row(row) for row in conn.execute(sql, params)]
 

@@ -18,7 +18,18 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from prometheus_client.samples import Exemplar
 
-from ccos_obsd.ledger.entry import outcome
+from ccos_obsd.ledger.entry import RESULT_TYPES, outcome
+from ccos_obsd.metrics.calls import (
+    CALL_TYPE,
+    COMPLETED,
+    DEFAULT_MAX_OPEN_CALLS,
+    CallLookup,
+    CallState,
+    OpenCall,
+    OpenCalls,
+    call_state,
+    result_duration_ms,
+)
 
 if TYPE_CHECKING:
     from ccos_obsd.ledger.writer import CommittedEntry
@@ -103,6 +114,14 @@ def _exemplar(record: ExemplarRecord) -> Exemplar:
     return Exemplar(labels, value, timestamp)
 
 
+def _exemplar_of(fields: Mapping[str, Any], duration_ms: float | None) -> ExemplarRecord | None:
+    """The exemplar pointing at the entry ``fields`` (a result, for a joined call) for a duration observation."""
+    seq = fields.get("seq")
+    if duration_ms is None or seq is None:
+        return None
+    return (fields["action_id"], seq, duration_ms / 1000.0, fields["recorded_at_ms"] / 1000.0)
+
+
 def _le(bound: float) -> str:
     if bound == float("inf"):
         return "+Inf"
@@ -145,6 +164,9 @@ _CALL_FAMILIES = {
     "capability": ("ccos_capability_calls_total", "ccos_capability_cost_total"),
     "function": ("ccos_function_calls_total",),
 }
+_STARTED_FAMILIES = ("ccos_capability_calls_started_total",)
+_BOTH = ("capability", "function")
+_FUNCTION = ("function",)
 
 
 class Aggregates:
@@ -160,6 +182,7 @@ class Aggregates:
         self,
         duration_buckets: Sequence[float] = DEFAULT_DURATION_BUCKETS,
         max_label_values: int = 1000,
+        max_open_calls: int = DEFAULT_MAX_OPEN_CALLS,
     ) -> None:
         self._lock = threading.Lock()
         self._buckets = tuple(duration_buckets)
@@ -171,8 +194,13 @@ class Aggregates:
         self.capability_durations: dict[str, Histogram] = {}
         self.functions: dict[str, CallStats] = {}
         self.function_durations: dict[str, Histogram] = {}
+        self.calls_started: dict[str, int] = {}
+        self.orphan_results = 0
         self.label_overflow: dict[str, int] = {}
         self.unaggregatable = 0
+        self._open_calls = OpenCalls(max_open_calls)
+        self.call_lookup: CallLookup | None = None
+        """The ledger fallback for calls ``_open_calls`` does not hold (set before entries are observed)."""
         # Of this process only:
         self.commit_durations = Histogram(COMMIT_BUCKETS)
         self.commit_batches = Histogram(COMMIT_BATCH_BUCKETS)
@@ -226,50 +254,90 @@ class Aggregates:
         if action_type not in by_type and len(by_type) >= self._max_labels:
             action_type = self._overflow(_ACTION_FAMILIES)
         by_type[action_type] = by_type.get(action_type, 0) + 1
-        name = fields.get("function_name")
-        if name is None:
-            return
-        result = outcome(fields)
-        duration_ms = fields.get("duration_ms")
-        exemplar = None
-        seq = fields.get("seq")
-        if duration_ms is not None and seq is not None:
-            exemplar = (fields["action_id"], seq, duration_ms / 1000.0, fields["recorded_at_ms"] / 1000.0)
-        call = (name, result, cost, duration_ms, exemplar)
-        self._record_call("function", self.functions, self.function_durations, *call)
-        if action_type == "CapabilityCall":
-            self._record_call("capability", self.capabilities, self.capability_durations, *call)
+        if action_type == CALL_TYPE:
+            self._observe_call(fields, cost)
+        elif action_type in RESULT_TYPES:
+            self._observe_result(fields, cost)
+        elif (name := fields.get("function_name")) is not None:
+            duration_ms = fields.get("duration_ms")
+            self._complete(_FUNCTION, name, outcome(fields), cost, duration_ms, _exemplar_of(fields, duration_ms))
 
-    def _record_call(
+    def _observe_call(self, fields: Mapping[str, Any], cost: float) -> None:
+        """A ``CapabilityCall``: started now; complete now if it carries its own outcome or duration."""
+        state = call_state(fields)
+        if state is None:  # no function_name: no capability to count it under
+            return
+        name = fields["function_name"]
+        started = self.calls_started
+        if name not in started and len(started) >= self._max_labels:
+            name = self._overflow(_STARTED_FAMILIES)
+        started[name] = started.get(name, 0) + 1
+        if state == COMPLETED:
+            duration_ms = fields.get("duration_ms")
+            self._complete(_BOTH, fields["function_name"], outcome(fields), cost, duration_ms,
+                           _exemplar_of(fields, duration_ms))
+        else:
+            self._complete(_BOTH, fields["function_name"], None, cost, None, None)
+        self._open_calls.remember(fields["action_id"], state)
+
+    def _observe_result(self, fields: Mapping[str, Any], cost: float) -> None:
+        """A result: completes its parent call (once), or is an orphan when there is no such call."""
+        parent = fields.get("parent_action_id")
+        call = None if parent is None else self._find_call(parent, fields.get("seq"))
+        if call is None:
+            self.orphan_results += 1
+            return
+        if call == COMPLETED:  # a second result of one call: the call is counted once
+            return
+        assert isinstance(call, OpenCall) and parent is not None  # noqa: S101 - narrowed above
+        self._open_calls.remember(parent, COMPLETED)
+        duration_ms = result_duration_ms(fields, call)
+        name = fields.get("function_name") or call.name
+        self._complete(_BOTH, name, outcome(fields), cost, duration_ms, _exemplar_of(fields, duration_ms))
+
+    def _find_call(self, action_id: str, seq: int | None) -> CallState | None:
+        state = self._open_calls.get(action_id)
+        if state is None and self.call_lookup is not None and seq is not None:
+            state = self.call_lookup(action_id, seq)
+        return state
+
+    def _complete(
         self,
-        kind: str,
-        stats: dict[str, CallStats],
-        durations: dict[str, Histogram],
+        kinds: tuple[str, ...],
         name: str,
-        result: str,
+        result: str | None,
         cost: float,
         duration_ms: float | None,
         exemplar: ExemplarRecord | None,
     ) -> None:
-        entry = stats.get(name)
-        if entry is None:
-            if len(stats) >= self._max_labels:
-                families = _CALL_FAMILIES[kind]
-                if duration_ms is not None:
-                    families = (*families, f"ccos_{kind}_duration_seconds")
-                name = self._overflow(families)
-                entry = stats.get(name)
+        """Count a completed call (``result`` None: only add ``cost``) in the capability and/or function families."""
+        for kind in kinds:
+            if kind == "capability":
+                stats, durations = self.capabilities, self.capability_durations
+            else:
+                stats, durations = self.functions, self.function_durations
+            label = name
+            entry = stats.get(label)
             if entry is None:
-                entry = stats[name] = CallStats()
-        entry.by_outcome[result] += 1
-        entry.cost += cost
-        if duration_ms is not None:
-            entry.duration_ms += duration_ms
-            entry.timed_calls += 1
-            histogram = durations.get(name)
-            if histogram is None:
-                histogram = durations[name] = Histogram.with_exemplars(self._buckets)
-            histogram.observe(duration_ms / 1000.0, exemplar)
+                if len(stats) >= self._max_labels:
+                    families = _CALL_FAMILIES[kind]
+                    if duration_ms is not None:
+                        families = (*families, f"ccos_{kind}_duration_seconds")
+                    label = self._overflow(families)
+                    entry = stats.get(label)
+                if entry is None:
+                    entry = stats[label] = CallStats()
+            entry.cost += cost
+            if result is None:
+                continue
+            entry.by_outcome[result] += 1
+            if duration_ms is not None:
+                entry.duration_ms += duration_ms
+                entry.timed_calls += 1
+                histogram = durations.get(label)
+                if histogram is None:
+                    histogram = durations[label] = Histogram.with_exemplars(self._buckets)
+                histogram.observe(duration_ms / 1000.0, exemplar)
 
     def _overflow(self, families: Sequence[str]) -> str:
         for family in families:
@@ -290,8 +358,11 @@ class Aggregates:
             self.capability_durations = {k: v.copy() for k, v in snap.capability_durations.items()}
             self.functions = {k: v.copy() for k, v in snap.functions.items()}
             self.function_durations = {k: v.copy() for k, v in snap.function_durations.items()}
+            self.calls_started = dict(snap.calls_started)
+            self.orphan_results = snap.orphan_results
             self.label_overflow = dict(snap.label_overflow)
             self.unaggregatable = snap.unaggregatable
+            self._open_calls.clear()  # held calls are from before the snapshot's moment: ask the ledger
 
     def snapshot(self) -> AggregatesSnapshot:
         with self._lock:
@@ -304,6 +375,8 @@ class Aggregates:
                 capability_durations={k: v.copy() for k, v in self.capability_durations.items()},
                 functions={k: v.copy() for k, v in self.functions.items()},
                 function_durations={k: v.copy() for k, v in self.function_durations.items()},
+                calls_started=dict(self.calls_started),
+                orphan_results=self.orphan_results,
                 commit_durations=self.commit_durations.copy(),
                 commit_batches=self.commit_batches.copy(),
                 ingest_requests=dict(self.ingest_requests),
@@ -331,6 +404,8 @@ class AggregatesSnapshot:
     refused: dict[str, int]
     label_overflow: dict[str, int]
     unaggregatable: int
+    calls_started: dict[str, int] = field(default_factory=dict)
+    orphan_results: int = 0
 
     def stats(self, *, capability: str | None = None, function: str | None = None) -> dict[str, Any]:
         """The ``stats`` op's answer body (CCOS's capability and function metrics)."""
@@ -370,6 +445,8 @@ class SinkView:
     delivered: int
     errors: int
     durations: Histogram
+    lag_seconds: float = 0.0
+    """Age of the oldest committed entry the sink has not delivered (0: caught up); see ``sinks.lag``."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,6 +35,7 @@ from ccos_obsd.metrics.aggregates import (
 LEDGER_FAMILIES = frozenset({
     "ccos_actions", "ccos_capability_calls", "ccos_capability_duration_seconds", "ccos_capability_cost",
     "ccos_function_calls", "ccos_function_duration_seconds", "ccos_cost", "ccos_metrics_label_overflow",
+    "ccos_capability_calls_started", "ccos_capability_orphan_results",
 })
 """Families folded from the whole ledger: they began with its first entry, not with this process."""
 
@@ -97,6 +98,7 @@ def metric_families(state: MetricState) -> Iterator[Metric]:
         *_request_families(snap, state.gauges, state.pending_appends),
         _overflow_family(snap),
         *_sink_families(state.sinks, state.wm),
+        _sink_lag_seconds_family(state.sinks),
     )
     if state.created is None:
         yield from families
@@ -120,18 +122,20 @@ def _add_created(family: Metric, created: float) -> None:
 
 
 def _ledger_families(snap: AggregatesSnapshot, gauges: LiveGauges, checkpoint_age: float | None) -> Iterator[Metric]:
-    actions = CounterMetricFamily(
-        "ccos_actions", "Actions appended to the causal chain, by action type.", labels=["action_type"]
-    )
-    for action_type, n in sorted(snap.actions_by_type.items()):
-        actions.add_metric([action_type], n)
-    yield actions
+    yield _counter("ccos_actions", "Actions appended to the causal chain, by action type.", "action_type",
+                   snap.actions_by_type)
     yield from _call_families(
-        "capability", "capability", "CapabilityCall actions", snap.capabilities, snap.capability_durations
+        "capability", "capability",
+        "capability calls (CapabilityCall), counted once as they complete: by their own outcome or duration, "
+        "or by their CapabilityResult",
+        snap.capabilities, snap.capability_durations,
     )
     yield from _call_families(
-        "function", "function", "actions with a function_name", snap.functions, snap.function_durations
+        "function", "function",
+        "calls of a function_name, counted once as they complete (a capability call with its result)",
+        snap.functions, snap.function_durations,
     )
+    yield from _call_progress_families(snap)
     yield CounterMetricFamily("ccos_cost", "Sum of the cost of every appended action (the actions' own unit).",
                               value=snap.cost_total)
     yield GaugeMetricFamily("ccos_ledger_entries", "Entries in the causal chain ledger.", value=snap.entries)
@@ -147,6 +151,19 @@ def _ledger_families(snap: AggregatesSnapshot, gauges: LiveGauges, checkpoint_ag
         )
 
 
+def _call_progress_families(snap: AggregatesSnapshot) -> Iterator[Metric]:
+    yield _counter(
+        "ccos_capability_calls_started",
+        "CapabilityCall actions appended, by capability: started minus completed calls are in flight.",
+        "capability", snap.calls_started,
+    )
+    yield CounterMetricFamily(
+        "ccos_capability_orphan_results",
+        "CapabilityResult actions whose parent_action_id names no CapabilityCall earlier in the ledger.",
+        value=snap.orphan_results,
+    )
+
+
 def _call_families(
     kind: str,
     label: str,
@@ -155,7 +172,7 @@ def _call_families(
     durations: dict[str, Histogram],
 ) -> Iterator[Metric]:
     calls = CounterMetricFamily(
-        f"ccos_{kind}_calls", f"Calls recorded as {what}, by {label} and outcome.", labels=[label, "outcome"]
+        f"ccos_{kind}_calls", f"Completed {what}; by {label} and outcome.", labels=[label, "outcome"]
     )
     for name, entry in sorted(stats.items()):
         for result in OUTCOMES:
@@ -164,7 +181,7 @@ def _call_families(
     yield calls
     histogram = HistogramMetricFamily(
         f"ccos_{kind}_duration_seconds",
-        f"Duration (duration_ms) of {what}, in seconds.",
+        f"Duration of completed {what}; in seconds.",
         labels=[label],
     )
     for name, hist in sorted(durations.items()):
@@ -172,7 +189,8 @@ def _call_families(
     yield histogram
     if kind == "capability":
         cost = CounterMetricFamily(
-            "ccos_capability_cost", "Sum of the cost of CapabilityCall actions, by capability.", labels=[label]
+            "ccos_capability_cost", "Sum of the cost of capability calls and their results, by capability.",
+            labels=[label],
         )
         for name, entry in sorted(stats.items()):
             cost.add_metric([name], entry.cost)
@@ -202,14 +220,11 @@ def _request_families(snap: AggregatesSnapshot, gauges: LiveGauges, pending_appe
     for (op, result), n in sorted(snap.ingest_requests.items()):
         requests.add_metric([op, result], n)
     yield requests
-    refused = CounterMetricFamily(
+    yield _counter(
         "ccos_refused_frames",
         "Socket requests (lines) answered with an error instead of being carried out, by error code.",
-        labels=["code"],
+        "code", snap.refused,
     )
-    for code, n in sorted(snap.refused.items()):
-        refused.add_metric([code], n)
-    yield refused
     yield CounterMetricFamily("ccos_received_bytes", "Bytes read from socket clients, in bytes.",
                               value=gauges.bytes_received)
     yield GaugeMetricFamily("ccos_connections_open", "Socket connections open now.",
@@ -222,15 +237,20 @@ def _request_families(snap: AggregatesSnapshot, gauges: LiveGauges, pending_appe
 
 
 def _overflow_family(snap: AggregatesSnapshot) -> Metric:
-    overflow = CounterMetricFamily(
+    return _counter(
         "ccos_metrics_label_overflow",
         f"Observations counted under the label value {OTHER} because their family already had "
         "metrics.max_label_values distinct values, by family.",
-        labels=["family"],
+        "family", snap.label_overflow,
     )
-    for family, n in sorted(snap.label_overflow.items()):
-        overflow.add_metric([family], n)
-    return overflow
+
+
+def _counter(name: str, documentation: str, label: str, counts: dict[str, int]) -> CounterMetricFamily:
+    """A counter family with one label, a series per value, in label order."""
+    family = CounterMetricFamily(name, documentation, labels=[label])
+    for value, n in sorted(counts.items()):
+        family.add_metric([value], n)
+    return family
 
 
 def _sink_families(sinks: list[SinkView], wm: WmView | None) -> Iterator[Metric]:
@@ -247,8 +267,11 @@ def _sink_families(sinks: list[SinkView], wm: WmView | None) -> Iterator[Metric]
         errors.add_metric([view.name], view.errors)
         durations.add_metric([view.name], view.durations.buckets(), view.durations.total)
     yield from (lag, delivered, errors, durations)
-    ingest = HistogramMetricFamily("ccos_wm_ingest_duration_seconds",
-                                   "Time to derive and store one batch of Working Memory entries, in seconds.")
+    ingest = HistogramMetricFamily(
+        "ccos_wm_ingest_duration_seconds",
+        "Duration of each observability.ingestor:v1.ingest call, from the request until its records were "
+        "committed and delivered to Working Memory, in seconds.",
+    )
     if wm is not None:
         ingest.add_metric([], wm.ingest_durations.buckets(), wm.ingest_durations.total)
     yield ingest
@@ -256,3 +279,14 @@ def _sink_families(sinks: list[SinkView], wm: WmView | None) -> Iterator[Metric]
     if wm is not None:
         entries.add_metric([], wm.entries)
     yield entries
+
+
+def _sink_lag_seconds_family(sinks: list[SinkView]) -> Metric:
+    lag = GaugeMetricFamily(
+        "ccos_sink_lag_seconds",
+        "Age of the oldest committed entry the sink has not delivered, in seconds; 0 when caught up.",
+        labels=["sink"],
+    )
+    for view in sinks:
+        lag.add_metric([view.name], view.lag_seconds)
+    return lag

@@ -43,7 +43,7 @@ from ccos_obsd.metrics.aggregates import (
 
 log = structlog.get_logger("ccos_obsd.metrics.snapshot")
 
-SNAPSHOT_FORMAT = 1
+SNAPSHOT_FORMAT = 2
 """Version of :func:`dump_aggregates`' layout; a stored snapshot of another version is rebuilt."""
 
 RESTORE_BATCH = 4096
@@ -95,6 +95,8 @@ def dump_aggregates(snap: AggregatesSnapshot, *, process: bool = False) -> dict[
         "capability_durations": {k: encode_histogram(v) for k, v in snap.capability_durations.items()},
         "functions": {k: _encode_call_stats(v) for k, v in snap.functions.items()},
         "function_durations": {k: encode_histogram(v) for k, v in snap.function_durations.items()},
+        "calls_started": snap.calls_started,
+        "orphan_results": snap.orphan_results,
         "label_overflow": snap.label_overflow,
         "unaggregatable": snap.unaggregatable,
     }
@@ -129,6 +131,8 @@ def load_aggregates(data: Mapping[str, Any], duration_buckets: tuple[float, ...]
             function_durations={str(k): decode_histogram(bounds, v) for k, v in data["function_durations"].items()},
             label_overflow={str(k): int(v) for k, v in data["label_overflow"].items()},
             unaggregatable=int(data["unaggregatable"]),
+            calls_started={str(k): int(v) for k, v in data["calls_started"].items()},
+            orphan_results=int(data["orphan_results"]),
             commit_durations=(Histogram(COMMIT_BUCKETS) if process is None
                               else decode_histogram(COMMIT_BUCKETS, process["commit_durations"])),
             commit_batches=(Histogram(COMMIT_BATCH_BUCKETS) if process is None
@@ -152,7 +156,8 @@ def dump_state(state: MetricState) -> dict[str, Any]:
         "pending_appends": state.pending_appends,
         "sinks": [
             {"name": v.name, "lag": v.lag, "delivered": v.delivered, "errors": v.errors,
-             "buckets": list(v.durations.bounds), "durations": encode_histogram(v.durations)}
+             "buckets": list(v.durations.bounds), "durations": encode_histogram(v.durations),
+             "lag_seconds": v.lag_seconds}
             for v in state.sinks
         ],
         "wm": None if wm is None else {
@@ -168,7 +173,7 @@ def load_state(data: Mapping[str, Any]) -> MetricState:
     """A :func:`dump_state` read back: renders exactly as the state that was dumped."""
     sinks = [
         SinkView(v["name"], v["lag"], v["delivered"], v["errors"],
-                 decode_histogram(tuple(v["buckets"]), v["durations"]))
+                 decode_histogram(tuple(v["buckets"]), v["durations"]), v["lag_seconds"])
         for v in data["sinks"]
     ]
     wm = data["wm"]

@@ -72,12 +72,15 @@ class SinkRunner:
         head: Callable[[], int],
         *,
         batch_size: int = 1000,
+        on_delivered: Callable[[], None] | None = None,
     ) -> None:
+        """``on_delivered`` is called (on the runner's thread) after each delivery's counters are updated."""
         self.sink = sink
         self.stats = SinkStats()
         self._db_path = db_path
         self._head = head
         self.batch_size = batch_size
+        self._on_delivered = on_delivered
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"ccos-sink-{sink.name}", daemon=True)
@@ -156,6 +159,8 @@ class SinkRunner:
                     self.stats.cursor = batch[-1].seq + 1
                     self.stats.delivered += len(batch)
                     self.stats.durations.observe(elapsed)
+                if self._on_delivered is not None:
+                    self._on_delivered()
         finally:
             reader.close()
             cursor_conn.close()

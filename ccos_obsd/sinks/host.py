@@ -15,16 +15,21 @@ The pipes between them:
   ``{"stop": seconds}`` to catch up for at most that long and exit. End of file
   (the daemon died) means exit without catching up.
 - a stats pipe (the child's fd 3): one JSON line per sink whenever its counters
-  changed (at most every ``STATS_INTERVAL_S``), and once more at exit.
+  changed: right after each delivery (an ingest call waits for the WM sink's
+  cursor, :meth:`SinkHost.wait_delivered`), else checked every ``STATS_INTERVAL_S``;
+  and once more at exit.
 - the child's stdout and stderr are the daemon's: its log lines go where the
   daemon's go.
 
 The daemon supervises the child: if it exits unexpectedly it is restarted with
 backoff, and counters carry on from where they were (they never go backwards).
+It also notes when each group was committed (:class:`CommitTimes`), for each
+sink's lag in seconds.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -32,7 +37,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -41,12 +46,15 @@ import structlog
 
 from ccos_obsd.config import Config, SinkConfig
 from ccos_obsd.ledger import store
+from ccos_obsd.ledger.writer import CommittedEntry
 from ccos_obsd.log import LogRing, configure_logging
-from ccos_obsd.metrics.aggregates import Histogram, SinkView, WmView
+from ccos_obsd.metrics.aggregates import Histogram, SinkView
 from ccos_obsd.metrics.snapshot import decode_histogram, encode_histogram
 from ccos_obsd.sinks.base import DELIVERY_BUCKETS, Sink, SinkRunner
 from ccos_obsd.sinks.jsonl import JsonlSink
-from ccos_obsd.sinks.wm import WM_INGEST_BUCKETS, WmSink
+from ccos_obsd.sinks.lag import CommitTimes
+from ccos_obsd.sinks.wm import WmSink
+from ccos_obsd.wm.store import Budgets
 
 log = structlog.get_logger("ccos_obsd.sinks.host")
 
@@ -59,10 +67,10 @@ STOP_GRACE_S = 10.0
 """Beyond the catch-up time: how long the child may take to finish its batch and exit."""
 
 
-def make_sink(sink_config: SinkConfig, max_entries: int = 0, max_tokens: int = 0) -> Sink:
+def make_sink(sink_config: SinkConfig, wm_budgets: Budgets | None = None) -> Sink:
     """The sink a ``[[sinks]]`` table describes."""
     if sink_config.type == "wm":
-        return WmSink(sink_config.name, sink_config.path, max_entries=max_entries, max_tokens=max_tokens)
+        return WmSink(sink_config.name, sink_config.path, wm_budgets)
     return JsonlSink(sink_config.name, sink_config.path, max_bytes=sink_config.max_bytes, keep=sink_config.keep)
 
 
@@ -80,9 +88,10 @@ class _Counters:
     errors: int = 0
     durations: Histogram = field(default_factory=lambda: Histogram(DELIVERY_BUCKETS))
     wm_size: int = 0
-    wm_ingest: Histogram = field(default_factory=lambda: Histogram(WM_INGEST_BUCKETS))
     # What earlier children reported, folded in when one exits.
-    base: tuple[int, int, Histogram, Histogram] | None = None
+    base: tuple[int, int, Histogram] | None = None
+    waiters: list[tuple[int, asyncio.AbstractEventLoop, asyncio.Future[None]]] = field(default_factory=list)
+    """(cursor awaited, loop, future) of :meth:`SinkHost.wait_delivered` calls."""
 
 
 class SinkHost:
@@ -102,7 +111,8 @@ class SinkHost:
         self._wake_lock = threading.Lock()
         """Held to write to, replace or close the wake-up pipe: a closed fd's number is soon reused."""
         self._restart_delay = RESTART_FIRST_S
-        self._read_cursors()
+        self.commit_times = CommitTimes()
+        self._read_cursors(note_oldest=True)
 
     @property
     def sink_names(self) -> list[str]:
@@ -121,6 +131,11 @@ class SinkHost:
             self._counters.setdefault(sink.name, _Counters(sink.name, sink.type == "wm"))
         self._read_cursors()
         self.start()
+
+    def on_commit(self, entries: Sequence[CommittedEntry], commit_seconds: float) -> None:
+        """A commit listener (writer thread): note the group's time and wake the child."""
+        self.commit_times.note(entries[0].seq, entries[0].fields["recorded_at_ms"] / 1000)
+        self.notify()
 
     def notify(self) -> None:
         """New entries were committed (writer thread): wake the child without ever blocking."""
@@ -153,24 +168,65 @@ class SinkHost:
         head = self._head()
         with self._lock:
             return [
-                SinkView(c.name, max(0, head - c.cursor), c.delivered, c.errors, c.durations.copy())
+                SinkView(c.name, max(0, head - c.cursor), c.delivered, c.errors, c.durations.copy(),
+                         lag_seconds=self.commit_times.age(c.cursor, head))
                 for c in self._counters.values()
             ]
 
-    def wm_view(self) -> WmView | None:
+    def wm_entries(self) -> int | None:
+        """Entries in Working Memory as the WM sink last reported (None: no WM sink)."""
         with self._lock:
             for counters in self._counters.values():
                 if counters.is_wm:
-                    return WmView(counters.wm_size, counters.wm_ingest.copy())
+                    return counters.wm_size
         return None
 
-    def _read_cursors(self) -> None:
+    async def wait_delivered(self, name: str, through: int, timeout_s: float) -> bool:
+        """Wait until sink ``name`` has delivered every entry below seq ``through``; False after ``timeout_s``.
+
+        Resolved from the sink host's reports (sent right after each delivery).
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        waiter = (through, loop, future)
+        with self._lock:
+            counters = self._counters[name]
+            if counters.cursor >= through:
+                return True
+            counters.waiters.append(waiter)
+        try:
+            await asyncio.wait_for(future, timeout_s)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            with self._lock, contextlib.suppress(ValueError):  # ValueError: released already
+                counters.waiters.remove(waiter)
+
+    def _read_cursors(self, *, note_oldest: bool = False) -> None:
+        """Each sink's durable cursor; ``note_oldest``: also when the oldest entry one still owes was recorded."""
         conn = store.connect(self._db, readonly=False)
         try:
-            for counters in self._counters.values():
-                counters.cursor = store.read_sink_cursor(conn, counters.name)
+            cursors = {name: store.read_sink_cursor(conn, name) for name in self._counters}
+            oldest = min(cursors.values(), default=None)
+            entry = None if oldest is None or not note_oldest else store.get_entry(conn, seq=oldest)
         finally:
             conn.close()
+        if entry is not None:
+            self.commit_times.note(entry.seq, json.loads(entry.entry)["recorded_at_ms"] / 1000)
+        with self._lock:
+            for name, cursor in cursors.items():
+                self._counters[name].cursor = cursor
+                self._release_waiters(self._counters[name])
+
+    def _release_waiters(self, counters: _Counters) -> None:
+        """Resolve the waits the cursor has reached (hold ``_lock``)."""
+        reached = [waiter for waiter in counters.waiters if waiter[0] <= counters.cursor]
+        for waiter in reached:
+            counters.waiters.remove(waiter)
+            _, loop, future = waiter
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits any more
+                loop.call_soon_threadsafe(_resolve, future)
 
     def _spawn(self) -> None:
         stats_read, stats_write = os.pipe()
@@ -217,8 +273,7 @@ class SinkHost:
         code = process.wait()
         with self._lock:
             for counters in self._counters.values():
-                counters.base = (counters.delivered, counters.errors, counters.durations.copy(),
-                                 counters.wm_ingest.copy())
+                counters.base = (counters.delivered, counters.errors, counters.durations.copy())
         if self._stopping.is_set():
             log.info("sink_host_stopped", pid=process.pid, exit_code=code)
             return
@@ -235,16 +290,16 @@ class SinkHost:
     def _update(self, report: dict[str, Any]) -> None:
         with self._lock:
             counters = self._counters[report["sink"]]
-            base_delivered, base_errors, base_durations, base_ingest = counters.base or (
-                0, 0, Histogram(DELIVERY_BUCKETS), Histogram(WM_INGEST_BUCKETS)
-            )
+            base_delivered, base_errors, base_durations = counters.base or (0, 0, Histogram(DELIVERY_BUCKETS))
             counters.cursor = int(report["cursor"])
             counters.delivered = base_delivered + int(report["delivered"])
             counters.errors = base_errors + int(report["errors"])
             counters.durations = _merged(base_durations, report["durations"])
             if report.get("wm") is not None:
                 counters.wm_size = int(report["wm"]["size"])
-                counters.wm_ingest = _merged(base_ingest, report["wm"]["ingest"])
+            self._release_waiters(counters)
+            slowest = min(c.cursor for c in self._counters.values())
+        self.commit_times.forget_below(slowest)
         if int(report["delivered"]):
             self._restart_delay = RESTART_FIRST_S  # this child works
 
@@ -255,6 +310,11 @@ class SinkHost:
             if process is not None and process.stdin is not None:
                 with contextlib.suppress(OSError):
                     process.stdin.close()
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():  # a wait that timed out or was cancelled meanwhile
+        future.set_result(None)
 
 
 def _merged(base: Histogram, reported: Any) -> Histogram:
@@ -311,7 +371,7 @@ def _report(runner: SinkRunner) -> dict[str, Any]:
     }
     sink = runner.sink
     if isinstance(sink, WmSink):
-        report["wm"] = {"size": sink.size, "ingest": encode_histogram(sink.ingest_durations.copy())}
+        report["wm"] = {"size": sink.size}
     return report
 
 
@@ -324,12 +384,14 @@ def child_main() -> int:
     db = Path(setup["db"])
     head = _Head(db)
     stats = os.fdopen(int(os.environ["CCOS_OBSD_SINK_STATS_FD"]), "w", buffering=1)
+    budgets = Budgets.from_settings(setup["wm"]["max_entries"], setup["wm"]["max_tokens"])
+    delivered = threading.Event()
     runners = []
     for raw in setup["sinks"]:
         sink_config = SinkConfig(raw["type"], raw["name"], raw["batch"], Path(raw["path"]),
                                  raw["max_bytes"], raw["keep"])
-        sink = make_sink(sink_config, setup["wm"]["max_entries"], setup["wm"]["max_tokens"])
-        runners.append(SinkRunner(sink, db, head, batch_size=sink_config.batch))
+        sink = make_sink(sink_config, budgets)
+        runners.append(SinkRunner(sink, db, head, batch_size=sink_config.batch, on_delivered=delivered.set))
     for runner in runners:
         runner.start()
     done = threading.Event()
@@ -343,7 +405,10 @@ def child_main() -> int:
                 stats.write(json.dumps(report) + "\n")
 
     def reporter() -> None:
-        while not done.wait(STATS_INTERVAL_S):
+        # At once after a delivery (the daemon may be waiting for that cursor); else a periodic look.
+        while not done.is_set():
+            delivered.wait(STATS_INTERVAL_S)
+            delivered.clear()
             try:
                 publish()
             except (BrokenPipeError, ValueError):
@@ -361,6 +426,7 @@ def child_main() -> int:
     for runner in runners:
         runner.stop(catch_up_s=catch_up_s)
     done.set()
+    delivered.set()
     reporting.join()
     with contextlib.suppress(BrokenPipeError, ValueError):
         publish()

@@ -1,12 +1,15 @@
 """The capability ``observability.ingestor:v1.ingest`` (SEP-024): records straight into Working Memory.
 
 Modes: ``["single", record]``, ``["batch", [record, ...]]``, ``["replay"]``. Each
-call is itself two ledger entries: a ``CapabilityCall`` whose ``arguments`` carry
-the mode and the normalized valid records (generated ids and default timestamps
-filled in, so the ledger fixes them), then a ``CapabilityResult`` with the
-duration and outcome. Working Memory derives one entry per carried record from
-the call entry (:func:`ccos_obsd.wm.derive.derive_wm_entries`), so a WM rebuilt
-from the ledger reproduces the directly ingested records.
+call is itself two ledger entries, as CCOS records a call: first a
+``CapabilityCall`` whose ``arguments`` carry the mode and the normalized valid
+records (generated ids and default timestamps filled in, so the ledger fixes
+them); once that is committed and Working Memory has taken it (or replayed),
+a ``CapabilityResult`` (its ``parent_action_id`` the call's) with the outcome
+and the duration of the whole call (``ccos_obsd.ops``). Working Memory derives
+one entry per carried record from the call entry
+(:func:`ccos_obsd.wm.derive.derive_wm_entries`), so a WM rebuilt from the
+ledger reproduces the directly ingested records.
 """
 
 from __future__ import annotations
@@ -24,6 +27,10 @@ MODES = ("single", "batch", "replay")
 RECORD_STRINGS = ("action_id", "kind", "provider", "summary", "content", "plan_id", "intent_id", "step_id",
                   "attestation_hash", "content_hash")
 DEFAULT_KIND = "CapabilityCall"
+DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+"""Buckets of ``ccos_wm_ingest_duration_seconds`` (one observation per call), in seconds."""
+WM_DELIVERY_TIMEOUT_S = 10.0
+"""How long a call waits for Working Memory to take its records before it answers anyway."""
 
 
 def parse_call(args: Any) -> tuple[str, list[Any]]:
@@ -70,13 +77,20 @@ def normalize_record(raw: Any, now_s: float) -> dict[str, Any]:
     return record
 
 
-def call_actions(mode: str, records: list[dict[str, Any]], result: Mapping[str, Any], duration_ms: float,
-                 ok: bool) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The CapabilityCall and CapabilityResult actions that record one call on the ledger."""
-    call_id = new_action_id()
+def call_action(mode: str, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The CapabilityCall that opens one call on the ledger, carrying its records."""
     arguments: list[Any] = [mode] if mode == "replay" else [mode, records]
-    call = {"action_id": call_id, "action_type": "CapabilityCall", "function_name": CAPABILITY,
-            "arguments": arguments, "duration_ms": duration_ms, "success": ok}
-    outcome = {"action_type": "CapabilityResult", "parent_action_id": call_id, "function_name": CAPABILITY,
-               "duration_ms": duration_ms, "success": ok, "result": {"success": ok, "value": dict(result)}}
-    return call, outcome
+    return {"action_id": new_action_id(), "action_type": "CapabilityCall", "function_name": CAPABILITY,
+            "arguments": arguments}
+
+
+def result_action(call_id: str, result: Mapping[str, Any], duration_ms: float, ok: bool,
+                  error: str | None = None) -> dict[str, Any]:
+    """The CapabilityResult that completes the call ``call_id``: outcome and the whole call's duration."""
+    outcome: dict[str, Any] = {
+        "action_type": "CapabilityResult", "parent_action_id": call_id, "function_name": CAPABILITY,
+        "duration_ms": duration_ms, "success": ok, "result": {"success": ok, "value": dict(result)},
+    }
+    if error is not None:
+        outcome["error"] = error
+    return outcome

@@ -1,8 +1,10 @@
 """Replay: Working Memory rebuilt from the ledger (``ccos-obsd replay``, the ``replay`` op).
 
 :func:`rebuild` replays the ledger through the same derivation the WM sink uses,
-so a rebuilt WM has the same digest as the incrementally built one;
-:class:`LiveReplay` runs it inside the daemon.
+and ingests each chunk with the same budgets as the sink ingests each delivery
+(``wm.max_entries`` / ``wm.max_tokens``: :class:`~ccos_obsd.wm.store.Budgets`,
+whose result does not depend on batching), so a rebuilt WM has the same
+digest as the incrementally built one; :class:`LiveReplay` runs it inside the daemon.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import structlog
 
 from ccos_obsd.ledger import store
 from ccos_obsd.wm.derive import derive_wm_entries
-from ccos_obsd.wm.store import PreparedEntry, WmStore, prepare
+from ccos_obsd.wm.store import Budgets, PreparedEntry, WmStore, prepare
 
 log = structlog.get_logger("ccos_obsd.wm")
 
@@ -50,7 +52,12 @@ _worker_connections: dict[Path, sqlite3.Connection] = {}
 
 
 def replay_range(
-    wm: WmStore, ledger_db: Path, start: int, stop: int, progress: Callable[[int], None] | None = None
+    wm: WmStore,
+    ledger_db: Path,
+    start: int,
+    stop: int,
+    progress: Callable[[int], None] | None = None,
+    budgets: Budgets | None = None,
 ) -> tuple[int, int]:
     """Ingest the WM entries of ledger entries ``start`` <= seq < ``stop``, in seq order.
 
@@ -64,7 +71,7 @@ def replay_range(
         try:
             for chunk_start in range(start, stop, REPLAY_BATCH):
                 prepared, count = derive_range(ledger_db, chunk_start, min(stop, chunk_start + REPLAY_BATCH), conn)
-                added += wm.ingest_prepared(prepared)
+                added += wm.ingest_prepared(prepared, budgets)
                 scanned += count
                 if progress is not None:
                     progress(count)
@@ -86,7 +93,7 @@ def replay_range(
         while pending:
             prepared, count = pending.popleft().result()
             submit_next()
-            added += wm.ingest_prepared(prepared)
+            added += wm.ingest_prepared(prepared, budgets)
             scanned += count
             if progress is not None:
                 progress(count)
@@ -100,11 +107,13 @@ def rebuild(
     start: int = 0,
     sink_name: str = "wm",
     progress: Callable[[int], None] | None = None,
+    budgets: Budgets | None = None,
 ) -> dict[str, int]:
-    """Replay the ledger from ``start`` into the WM store (from scratch when ``start`` is 0).
+    """Replay the ledger from ``start`` into the WM store (from scratch when ``start`` is 0), keeping ``budgets``.
 
     Moves the WM sink's cursor to the end, so a daemon started afterwards continues
-    from there. Returns how many ledger entries were scanned and WM entries added.
+    from there. Returns how many ledger entries were scanned and WM entries added
+    (entries the budgets evicted again count).
     """
     conn = store.connect(ledger_db, readonly=True)
     try:
@@ -113,10 +122,10 @@ def rebuild(
         with WmStore(wm_file, durable=False) as wm:
             if start == 0:
                 wm.clear()
-                with wm.bulk_load():
-                    scanned, added = replay_range(wm, ledger_db, start, head, progress)
+                with wm.bulk_load(evicting=budgets is not None):
+                    scanned, added = replay_range(wm, ledger_db, start, head, progress, budgets)
             else:
-                scanned, added = replay_range(wm, ledger_db, start, head, progress)
+                scanned, added = replay_range(wm, ledger_db, start, head, progress, budgets)
         conn.execute("COMMIT")
     finally:
         conn.close()
@@ -145,14 +154,19 @@ class LiveReplay:
         *,
         pause_sinks: Callable[[], None],
         resume_sinks: Callable[[], None],
+        budgets: Budgets | None = None,
     ) -> None:
-        """``head`` gives the ledger's committed size; the sink callables block (they run in an executor)."""
+        """``head`` gives the ledger's committed size; the sink callables block (they run in an executor).
+
+        ``budgets``: the WM sink's (``wm.max_entries`` / ``wm.max_tokens``), so the rebuild keeps what it keeps.
+        """
         self._ledger_db = ledger_db
         self._wm_file = wm_file
         self._sink_name = sink_name
         self._head = head
         self._pause_sinks = pause_sinks
         self._resume_sinks = resume_sinks
+        self._budgets = budgets
         self._lock = asyncio.Lock()
         self.progress: tuple[int, int] | None = None
 
@@ -174,7 +188,8 @@ class LiveReplay:
                 result = await loop.run_in_executor(
                     None,
                     lambda: rebuild(
-                        self._ledger_db, self._wm_file, start=start, sink_name=self._sink_name, progress=advance
+                        self._ledger_db, self._wm_file, start=start, sink_name=self._sink_name, progress=advance,
+                        budgets=self._budgets,
                     ),
                 )
             finally:

@@ -17,6 +17,8 @@ Layout (``wm.db`` under the state dir by default, WAL mode, 8 KiB pages):
   largest lateness of an arrival (see :meth:`WmStore._text_docs`), updated in
   the same transaction as every change, so ``count()``, ``digest()`` and the
   budget check never scan.
+- ``wm_meta``: the format version and, once budgets evicted an entry, the
+  eviction mark (:class:`Budgets`).
 
 Only this class writes the file: the tables must change together. The
 socket op, the HTTP route and the CLI read through :func:`search` and
@@ -69,6 +71,8 @@ _BASE_TAG_BITS = {tag: 1 << bit for bit, tag in enumerate(BASE_TAGS)}
 _DIGEST_MODULUS = 1 << 256
 _DIGEST_CONTEXT = b"ccos-obsd/wm-digest/v1\x00"
 _STREAM_CHUNK = 256
+_MARK_KEY = "evicted_through"
+"""``wm_meta`` key of the eviction mark (see :class:`Budgets`)."""
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS wm_meta (
@@ -124,7 +128,8 @@ _SCHEMA = (
     )""",
 )
 _TABLES = ("wm_entries", "wm_tags", "wm_fts", "wm_stats")
-_SEARCH_INDEXES = ("wm_by_time", "wm_by_plan", "wm_by_intent", "wm_by_session")
+_TIME_INDEX = "wm_by_time"
+_SEARCH_INDEXES = (_TIME_INDEX, "wm_by_plan", "wm_by_intent", "wm_by_session")
 FTS_AUTOMERGE = 4
 """FTS5's default: merge segments as they accumulate (off only during a bulk load)."""
 _INSERT_ENTRY = (
@@ -196,6 +201,45 @@ class Search:
         """(column, value) of the plan, intent and session filters given."""
         named = (("plan_id", self.plan_id), ("intent_id", self.intent_id), ("session_id", self.session_id))
         return [(column, value) for column, value in named if value is not None]
+
+
+@dataclass(frozen=True, slots=True)
+class Budgets:
+    """How much Working Memory keeps: at most ``max_entries`` entries and ``max_tokens`` approx tokens.
+
+    ``None`` means no limit. :meth:`WmStore.ingest` keeps them after adding a
+    batch, evicting the oldest entries first (by ``timestamp_s``, then ``seq``),
+    and remembers the newest evicted (timestamp_s, seq) as the *eviction mark*;
+    later entries at or below the mark are not added. With the mark, what a
+    store holds does not depend on how its entries were batched: after any
+    sequence of batches it holds the newest entries of all those delivered
+    (first copy of each id), as many as fit, which is exactly what one batch of
+    them all keeps. (Without it, an old entry arriving after newer ones were
+    evicted would come back when the token budget has room; so would an evicted
+    entry delivered again.) So the live WM sink, which ingests each delivery,
+    and a replay, which ingests the ledger in chunks, hold the same entries.
+
+    One case is left: the same record ingested by two calls (one WM id at two
+    seqs) whose first copy was evicted while the mark sat on exactly its
+    ``timestamp_s``, between its two seqs, comes back as its second copy.
+    Changing the budgets also changes what a rebuild keeps; ``replay`` after a
+    change makes the store equal to one.
+    """
+
+    max_entries: int | None = None
+    max_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        for name, budget in (("max_entries", self.max_entries), ("max_tokens", self.max_tokens)):
+            if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
+                raise ValueError(f"{name} must be a non-negative integer or None")
+
+    @classmethod
+    def from_settings(cls, max_entries: int, max_tokens: int) -> Budgets | None:
+        """The budgets ``wm.max_entries`` / ``wm.max_tokens`` set (0: no limit); None when neither does."""
+        if not max_entries and not max_tokens:
+            return None
+        return cls(max_entries or None, max_tokens or None)
 
 
 class WmStore:
@@ -274,17 +318,23 @@ class WmStore:
 
     # --- writes
 
-    def ingest(self, entries: Sequence[WmEntry]) -> int:
-        """Add the entries whose ids are not stored yet, in one transaction; return how many were new."""
-        return self.ingest_prepared(prepare(entries))
+    def ingest(self, entries: Sequence[WmEntry], budgets: Budgets | None = None) -> int:
+        """Add the entries whose ids are not stored yet and keep ``budgets``, in one transaction.
 
-    def ingest_prepared(self, prepared: Sequence[PreparedEntry]) -> int:
-        """:meth:`ingest` for entries :func:`prepare` (possibly in another process) already encoded."""
+        Returns how many entries were added (an entry evicted in the same call counts).
+        """
+        return self.ingest_prepared(prepare(entries), budgets)
+
+    def ingest_prepared(self, prepared: Sequence[PreparedEntry], budgets: Budgets | None = None) -> int:
+        """:meth:`ingest` for entries :func:`prepare` (possibly in another process) already encoded.
+
+        With budgets, an entry at or below the eviction mark is not added (see :class:`Budgets`).
+        """
         self._check_writable()
         batch: dict[str, PreparedEntry] = {}
         for entry in prepared:
             batch.setdefault(entry.id, entry)
-        if not batch:
+        if not batch and budgets is None:
             return 0
         with self._transaction() as conn:
             # Entries whose id_key matches, then their actual ids: exact whatever the keys collide.
@@ -295,85 +345,90 @@ class WmStore:
                     (json.dumps([entry.id_key for entry in batch.values()]),),
                 )
             }
-            last = conn.execute("SELECT doc, ts_bound FROM wm_entries ORDER BY doc DESC LIMIT 1").fetchone()
-            doc, bound = (0, -math.inf) if last is None else (int(last[0]), float(last[1]))
-            entry_rows = []
-            text_rows = []
-            tag_rows = []
-            added_sum = 0
-            added_tokens = 0
-            lateness = 0.0
-            for entry in batch.values():
-                if entry.id in known:
-                    continue
-                doc += 1
-                timestamp_s = entry.timestamp_s
-                if timestamp_s < bound:
-                    lateness = max(lateness, bound - timestamp_s)
-                else:
-                    bound = timestamp_s
-                for tag in entry.other_tags:
-                    tag_rows.append((tag, timestamp_s, entry.seq, doc))
-                entry_rows.append((
-                    doc, entry.id_key, entry.seq, timestamp_s, bound, entry.plan_id, entry.intent_id,
-                    entry.session_id, entry.base_tags, entry.approx_tokens, entry.record,
-                ))
-                text_rows.append((doc, entry.title, entry.content, entry.tag_text))
-                added_sum += entry.digest
-                added_tokens += entry.approx_tokens
-            conn.executemany(_INSERT_ENTRY, entry_rows)
-            conn.executemany("INSERT INTO wm_fts (rowid, title, content, tags) VALUES (?, ?, ?, ?)", text_rows)
-            conn.executemany("INSERT INTO wm_tags (tag, timestamp_s, seq, doc) VALUES (?, ?, ?, ?)", tag_rows)
-            self._add_stats(conn, len(entry_rows), added_tokens, added_sum, lateness)
-        return len(entry_rows)
+            mark = None if budgets is None else _eviction_mark(conn)
+            added = [
+                entry for entry in batch.values()
+                if entry.id not in known and (mark is None or (entry.timestamp_s, entry.seq) > mark)
+            ]
+            self._insert(conn, added)
+            if budgets is not None:
+                self._evict(conn, budgets)
+        return len(added)
 
-    def enforce_budgets(self, max_entries: int | None = None, max_tokens: int | None = None) -> int:
-        """Evict the oldest entries (by timestamp_s, then seq) until both budgets hold; return how many.
+    def _insert(self, conn: sqlite3.Connection, entries: Sequence[PreparedEntry]) -> None:
+        """Write new entries (ids not stored yet) into every table, doc numbers continuing from the last."""
+        last = conn.execute("SELECT doc, ts_bound FROM wm_entries ORDER BY doc DESC LIMIT 1").fetchone()
+        doc, bound = (0, -math.inf) if last is None else (int(last[0]), float(last[1]))
+        entry_rows = []
+        text_rows = []
+        tag_rows = []
+        added_sum = 0
+        added_tokens = 0
+        lateness = 0.0
+        for entry in entries:
+            doc += 1
+            timestamp_s = entry.timestamp_s
+            if timestamp_s < bound:
+                lateness = max(lateness, bound - timestamp_s)
+            else:
+                bound = timestamp_s
+            for tag in entry.other_tags:
+                tag_rows.append((tag, timestamp_s, entry.seq, doc))
+            entry_rows.append((
+                doc, entry.id_key, entry.seq, timestamp_s, bound, entry.plan_id, entry.intent_id,
+                entry.session_id, entry.base_tags, entry.approx_tokens, entry.record,
+            ))
+            text_rows.append((doc, entry.title, entry.content, entry.tag_text))
+            added_sum += entry.digest
+            added_tokens += entry.approx_tokens
+        conn.executemany(_INSERT_ENTRY, entry_rows)
+        conn.executemany("INSERT INTO wm_fts (rowid, title, content, tags) VALUES (?, ?, ?, ?)", text_rows)
+        conn.executemany("INSERT INTO wm_tags (tag, timestamp_s, seq, doc) VALUES (?, ?, ?, ?)", tag_rows)
+        self._add_stats(conn, len(entry_rows), added_tokens, added_sum, lateness)
 
-        ``None`` means no limit. Evicting in this order keeps the newest entries
-        that fit, so a store that enforces budgets after every batch holds the same
-        entries (and digest) as one filled at once and trimmed at the end.
-        """
-        for name, budget in (("max_entries", max_entries), ("max_tokens", max_tokens)):
-            if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
-                raise ValueError(f"{name} must be a non-negative integer or None")
-        self._check_writable()
+    def _evict(self, conn: sqlite3.Connection, budgets: Budgets) -> None:
+        """Delete the oldest entries (timestamp_s, then seq, then doc) until both budgets hold; move the mark."""
         entries, tokens, _ = self._stats()
-        excess_entries = 0 if max_entries is None else max(0, entries - max_entries)
-        excess_tokens = 0 if max_tokens is None else max(0, tokens - max_tokens)
+        excess_entries = 0 if budgets.max_entries is None else max(0, entries - budgets.max_entries)
+        excess_tokens = 0 if budgets.max_tokens is None else max(0, tokens - budgets.max_tokens)
         if not excess_entries and not excess_tokens:
-            return 0
-        with self._transaction() as conn:
-            victims: list[tuple[int, float, int, str]] = []
-            freed_tokens = 0
-            oldest = conn.execute(
-                "SELECT doc, timestamp_s, seq, approx_tokens, record FROM wm_entries ORDER BY timestamp_s, seq, doc"
-            )
-            for doc, timestamp_s, seq, entry_tokens, record in _rows(oldest):
-                if len(victims) >= excess_entries and freed_tokens >= excess_tokens:
-                    break
-                victims.append((doc, timestamp_s, seq, record))
-                freed_tokens += entry_tokens
-            oldest.close()
-            removed_sum = self._delete(conn, victims)
-            self._add_stats(conn, -len(victims), -freed_tokens, -removed_sum)
-        return len(victims)
+            return
+        victims: list[tuple[int, float, int, str]] = []
+        freed_tokens = 0
+        oldest = conn.execute(
+            "SELECT doc, timestamp_s, seq, approx_tokens, record FROM wm_entries ORDER BY timestamp_s, seq, doc"
+        )
+        for doc, timestamp_s, seq, entry_tokens, record in _rows(oldest):
+            if len(victims) >= excess_entries and freed_tokens >= excess_tokens:
+                break
+            victims.append((doc, timestamp_s, seq, record))
+            freed_tokens += entry_tokens
+        oldest.close()
+        removed_sum = self._delete(conn, victims)
+        self._add_stats(conn, -len(victims), -freed_tokens, -removed_sum)
+        _, timestamp_s, seq, _ = victims[-1]  # the newest victim: eviction went in key order
+        conn.execute(
+            "INSERT OR REPLACE INTO wm_meta (key, value) VALUES (?, ?)", (_MARK_KEY, json.dumps([timestamp_s, seq]))
+        )
 
     @contextmanager
-    def bulk_load(self) -> Iterator[None]:
+    def bulk_load(self, *, evicting: bool = False) -> Iterator[None]:
         """For a rebuild into an empty store: the search indexes and FTS5 merging wait for the end.
 
         Inside, the plan, intent, session and time indexes do not exist (ingest needs
         only the id index) and FTS5 does not merge its segments as it goes; at the end
         the indexes are built once, sorted, and the full-text index is optimized into
-        one segment. A crash inside leaves a store that the next open repairs (the
-        schema creates missing indexes; automerge is set at every open).
+        one segment. ``evicting`` (the load keeps budgets) keeps the time index:
+        each eviction walks it from the oldest entry. A crash inside leaves a store
+        that the next open repairs (the schema creates missing indexes; automerge is
+        set at every open).
         """
         self._check_writable()
         conn = self._conn
         conn.execute("INSERT INTO wm_fts (wm_fts, rank) VALUES ('automerge', 0)")
         for name in _SEARCH_INDEXES:
-            conn.execute(f"DROP INDEX IF EXISTS {name}")
+            if not (evicting and name == _TIME_INDEX):
+                conn.execute(f"DROP INDEX IF EXISTS {name}")
         try:
             yield
         finally:
@@ -384,9 +439,10 @@ class WmStore:
                 txn.execute("INSERT INTO wm_fts (wm_fts, rank) VALUES ('automerge', ?)", (FTS_AUTOMERGE,))
 
     def clear(self) -> None:
-        """Remove every entry (before a rebuild from the ledger)."""
+        """Remove every entry and the eviction mark (before a rebuild from the ledger)."""
         self._check_writable()
         with self._transaction() as conn:
+            conn.execute("DELETE FROM wm_meta WHERE key = ?", (_MARK_KEY,))
             # Dropping truncates; deleting a million rows one by one does not.
             for table in _TABLES:
                 conn.execute(f"DROP TABLE IF EXISTS {table}")
@@ -637,6 +693,15 @@ class WmStore:
                 self._conn.execute("ROLLBACK")
             raise
         self._conn.execute("COMMIT")
+
+
+def _eviction_mark(conn: sqlite3.Connection) -> tuple[float, int] | None:
+    """(timestamp_s, seq) of the newest entry budgets evicted so far, or None."""
+    row = conn.execute("SELECT value FROM wm_meta WHERE key = ?", (_MARK_KEY,)).fetchone()
+    if row is None:
+        return None
+    timestamp_s, seq = json.loads(row[0])
+    return float(timestamp_s), int(seq)
 
 
 def _tune(conn: sqlite3.Connection) -> None:

@@ -7,10 +7,16 @@ Every check of hashes, key ids and signatures here is computed independently of
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
+import queue
+import signal
 import socket
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -391,10 +397,138 @@ def test_query_by_plan_id_through_the_socket_and_offline(daemon: DaemonProcess) 
     assert query_records(after.stdout) == records
 
 
+def test_query_follows_the_tree_and_orders_a_trace_by_time(daemon: DaemonProcess) -> None:
+    with daemon.client() as client:
+        client.append_batch([
+            {"action_type": "PlanStepStarted", "plan_id": "p", "step_id": "s1", "timestamp_ms": 3000},  # 0
+            {"action_type": "CapabilityCall", "plan_id": "p", "step_id": "s1", "action_id": "c1",
+             "function_name": "web.search", "metadata": {"run_id": "r1"}, "timestamp_ms": 1000},  # 1
+            {"action_type": "CapabilityResult", "plan_id": "p", "parent_action_id": "c1", "success": True,
+             "timestamp_ms": 2000},  # 2: no run_id or step_id of its own
+            {"action_type": "PlanStepCompleted", "plan_id": "p", "step_id": "s2", "timestamp_ms": 1000},  # 3
+        ])
+    socket_args = ("--socket", str(daemon.socket_path))
+    for where in (socket_args, ("--state-dir", str(daemon.state_dir))):
+        def seqs(*args: str, where: tuple[str, ...] = where) -> list[int]:
+            result = run_cli("query", *where, *args)
+            assert result.returncode == 0, result.stderr
+            return [r["seq"] for r in query_records(result.stdout)]
+
+        assert seqs("--run-id", "r1") == [1, 2]
+        assert seqs("--step-id", "s1") == [0, 1, 2]
+        assert seqs("--plan-id", "p", "--order", "time") == [1, 3, 2, 0]
+        assert seqs("--plan-id", "p", "--order", "desc", "--limit", "1") == seqs("--plan-id", "p", "--desc")[:1] == [3]
+        refused = run_cli("query", *where, "--order", "time", "--after-seq", "1")
+        assert refused.returncode == 2
+        assert b"after_seq" in refused.stderr and b"Traceback" not in refused.stderr
+    both = run_cli("query", *socket_args, "--order", "time", "--desc")
+    assert both.returncode == 2 and b"not allowed with" in both.stderr
+
+
+# --- stats and logs
+
+
+def test_stats_prints_the_stats_answer_of_the_running_daemon(daemon: DaemonProcess) -> None:
+    with daemon.client() as client:
+        client.append_batch([
+            {"action_type": "CapabilityCall", "function_name": "web.search", "plan_id": "p1", "intent_id": "i1",
+             "cost": 0.5, "duration_ms": 20, "success": True},
+            {"action_type": "CapabilityCall", "function_name": "llm.complete", "plan_id": "p2", "intent_id": "i1",
+             "cost": 2.0, "duration_ms": 900, "success": False},
+        ])
+        expected = client.stats(plan_id="p1", intent_id="i1", capability="web.search", function="llm.complete")
+    expected.pop("ok")
+    for where in (("--socket", str(daemon.socket_path)), ("--state-dir", str(daemon.state_dir))):
+        result = run_cli("stats", *where, "--plan-id", "p1", "--intent-id", "i1", "--capability", "web.search",
+                         "--function", "llm.complete")
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout) == expected
+    assert expected["plan_cost"] == 0.5 and expected["intent_cost"] == 2.5
+    assert set(expected["capabilities"]) == {"web.search"} and set(expected["functions"]) == {"llm.complete"}
+    everything = json.loads(run_cli("stats", "--socket", str(daemon.socket_path)).stdout)
+    assert everything["total_cost"] == 2.5 and "plan_cost" not in everything
+
+
+def test_stats_and_logs_need_the_daemon(state_dir: Path) -> None:
+    for command in ("stats", "logs"):
+        result = run_cli(command, "--state-dir", str(state_dir))
+        assert result.returncode == 2
+        assert b"is the daemon running?" in result.stderr
+
+
+def test_logs_prints_the_recent_lines_one_object_per_line(daemon: DaemonProcess) -> None:
+    with daemon.client() as client:
+        answer = client.append({"action_type": "IntentCreated", "intent_id": "logged"})
+    result = run_cli("logs", "--socket", str(daemon.socket_path), "-n", "5")
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.decode().splitlines()]
+    assert len(lines) == 5
+    assert lines[-1]["event"] == "action_appended" and lines[-1]["action_id"] == answer["action_id"]
+    assert run_cli("logs", "--socket", str(daemon.socket_path), "-n", "0").stdout == b""
+    assert run_cli("logs", "--socket", str(daemon.socket_path), "-n", "-1").returncode == 2
+
+
+class Follower:
+    """``ccos-obsd logs --follow`` as a process, its stdout read by a thread into a queue."""
+
+    def __init__(self, daemon: DaemonProcess) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ccos_obsd", "logs", "--socket", str(daemon.socket_path), "-n", "1", "--follow"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        self.lines: queue.Queue[bytes] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line)
+
+    def read_until(self, done: Any, timeout: float = 20.0) -> list[dict[str, Any]]:
+        """Lines until ``done(lines)`` holds; fails at the deadline."""
+        deadline = time.monotonic() + timeout
+        seen: list[dict[str, Any]] = []
+        while not done(seen):
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"logs --follow printed only {seen}"
+            with contextlib.suppress(queue.Empty):
+                seen.append(json.loads(self.lines.get(timeout=remaining)))
+        return seen
+
+    def interrupt(self) -> tuple[int, bytes]:
+        self.proc.send_signal(signal.SIGINT)
+        _, stderr = self.proc.communicate(timeout=30)
+        self._reader.join(timeout=30)
+        return self.proc.returncode, stderr
+
+
+def appended_ids(lines: list[dict[str, Any]]) -> list[str]:
+    return [line["action_id"] for line in lines if line.get("event") == "action_appended"]
+
+
+def test_logs_follow_prints_each_new_line_once_until_interrupted(daemon: DaemonProcess) -> None:
+    follower = Follower(daemon)
+    try:
+        follower.read_until(lambda lines: len(lines) == 1)  # the newest line: it is following from here
+        for round_ids in (["f-1", "f-2", "f-3"], ["f-4", "f-5"]):
+            with daemon.client() as client:
+                for action_id in round_ids:
+                    client.append({"action_type": "IntentCreated", "action_id": action_id})
+            lines = follower.read_until(lambda lines, ids=round_ids: appended_ids(lines)[-len(ids):] == ids)
+            assert appended_ids(lines) == round_ids  # in order, each once
+            assert all(isinstance(line, dict) for line in lines)
+    finally:
+        code, stderr = follower.interrupt()
+    assert code == 0, stderr
+    late = [json.loads(line) for line in list(follower.lines.queue)]
+    assert appended_ids(late) == []  # nothing printed twice after the rounds either
+
+
 # --- help
 
 
-@pytest.mark.parametrize("command", [None, "run", "send", "export", "verify", "keys", "query"])
+@pytest.mark.parametrize("command", [None, "run", "send", "export", "verify", "keys", "query", "stats", "logs"])
 def test_help_exits_0(command: str | None) -> None:
     args = ["--help"] if command is None else [command, "--help"]
     result = run_cli(*args)

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
 from itertools import islice
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from ccos_obsd.demo import Workload
 from ccos_obsd.ledger.entry import DAEMON_FIELDS
@@ -36,6 +40,35 @@ def test_demo_appends_the_seeded_workload_at_the_requested_rate(daemon: DaemonPr
         assert isinstance(entry["timestamp_ms"], int)
         stored = {k: v for k, v in entry.items() if k not in (*DAEMON_FIELDS, "timestamp_ms")}
         assert stored == action
+
+
+def completed_calls(entries: list[dict[str, Any]]) -> Counter[tuple[str, str]]:
+    """(capability, outcome) of each completed call: a result of a call in ``entries``, or a self-contained call."""
+    calls = {e["action_id"]: e for e in entries if e["action_type"] == "CapabilityCall"}
+    completed: Counter[tuple[str, str]] = Counter()
+    for entry in entries:
+        answered = entry["action_type"] == "CapabilityResult" and entry["parent_action_id"] in calls
+        if answered or (entry["action_type"] == "CapabilityCall" and "success" in entry):
+            completed[(entry["function_name"], "success" if entry["success"] else "failure")] += 1
+    return completed
+
+
+def test_the_dashboard_families_count_each_demo_call_once_with_its_outcome(daemon: DaemonProcess) -> None:
+    """Most demo calls are a call and its result (CCOS's record_result): each counts once, when it completes."""
+    sent, errors, _, _ = run_demo(daemon, "--rate", "400", "--duration", "1", "--seed", "5")
+    assert errors == 0
+    with daemon.client() as client:
+        entries = [r["entry"] for r in client.query(limit=10_000)]
+    assert len(entries) == sent
+    calls = [e for e in entries if e["action_type"] == "CapabilityCall"]
+    paired = [c for c in calls if "success" not in c]
+    assert len(paired) > len(calls) / 2
+    counted = Counter({
+        (sample.labels["capability"], sample.labels["outcome"]): int(sample.value)
+        for family in text_string_to_metric_families(daemon.metrics())
+        for sample in family.samples if sample.name == "ccos_capability_calls_total" and sample.value
+    })
+    assert counted == completed_calls(entries)  # no "unknown", and no call counted twice
 
 
 def test_a_second_run_appends_alongside_the_first(daemon: DaemonProcess) -> None:

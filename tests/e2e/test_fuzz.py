@@ -128,9 +128,9 @@ DAEMON_FIELDS = ["v", "seq", "recorded_at_ms", "peer", "id", "op", "key_id", "si
 OPS = ["append", "append_batch", "ping", "get", "query", "logs", "stats", "checkpoint", "wm_search", "call",
        "replay", "wm_digest", "prove_inclusion", "prove_consistency"]
 REQUEST_FIELDS = ["action", "actions", "seq", "action_id", "plan_id", "intent_id", "session_id", "action_type",
-                  "parent_action_id", "function_name", "function_prefix", "run_id", "since_ms", "until_ms",
-                  "order", "limit", "after_seq", "n", "capability", "function", "text", "tags", "since", "until",
-                  "from", "size1", "size2", "args"]
+                  "parent_action_id", "function_name", "function_prefix", "run_id", "step_id", "since_ms", "until_ms",
+                  "order", "limit", "after_seq", "n", "after", "capability", "function", "text", "tags", "since",
+                  "until", "from", "size1", "size2", "args"]
 
 numbers = st.one_of(
     st.integers(), st.integers(min_value=2**53 - 2, max_value=2**64 + 2), st.integers(min_value=-2, max_value=2),
@@ -232,6 +232,7 @@ VALID_FRAMES = [
     b'{"action_type":"CapabilityCall","function_name":"web.search","cost":0.5,"metadata":{"k":[1,{"a":null}]}}',
     b'{"op":"append_batch","actions":[{"action_type":"InternalStep"},{"action_type":"PlanCompleted"}]}',
     b'{"op":"query","plan_id":"p","limit":5,"order":"desc"}',
+    b'{"op":"query","plan_id":"p","run_id":"r","step_id":"s","order":"time"}',
     b'{"op":"get","seq":0}',
 ]
 

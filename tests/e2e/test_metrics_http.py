@@ -136,6 +136,7 @@ FAMILIES = [
 WORKING_MEMORY_FAMILIES = [
     ("ccos_wm_ingest_duration_seconds", "histogram"),
     ("ccos_sink_lag_entries", "gauge"),
+    ("ccos_sink_lag_seconds", "gauge"),
     ("ccos_sink_delivered_total", "counter"),
     ("ccos_sink_errors_total", "counter"),
 ]
@@ -207,14 +208,14 @@ def test_capability_duration_buckets_are_in_seconds(values: Samples) -> None:
     assert buckets(values, name, capability=WEIRD) == cumulative({0.05: 1})
 
 
-def test_function_metrics_count_every_action_with_a_function_name(values: Samples) -> None:
+def test_function_metrics_count_each_call_once_and_other_actions_with_a_function_name(values: Samples) -> None:
     calls = {
         (dict(labels)["function"], dict(labels)["outcome"]): v
         for (name, labels), v in values.items()
         if name == "ccos_function_calls_total" and v
     }
     assert calls == {
-        ("cap.alpha", "success"): 4,  # three calls and the CapabilityResult
+        ("cap.alpha", "success"): 3,  # the three calls; the CapabilityResult names no call: an orphan
         ("cap.alpha", "failure"): 1,
         ("cap.alpha", "unknown"): 1,
         ("cap.beta", "success"): 1,
@@ -223,8 +224,9 @@ def test_function_metrics_count_every_action_with_a_function_name(values: Sample
         (WEIRD, "success"): 1,
     }
     name = "ccos_function_duration_seconds"
-    assert buckets(values, name, function="cap.alpha") == cumulative({0.005: 2, 0.01: 2, 0.25: 1, math.inf: 1})
-    assert value(values, f"{name}_count", function="cap.alpha") == 6
+    assert buckets(values, name, function="cap.alpha") == cumulative({0.005: 2, 0.01: 1, 0.25: 1, math.inf: 1})
+    assert value(values, f"{name}_count", function="cap.alpha") == 5
+    assert value(values, "ccos_capability_orphan_results_total") == 1
     assert buckets(values, name, function="step.fn") == cumulative({1.0: 1})
     assert value(values, f"{name}_sum", function="step.fn") == pytest.approx(1.0)
     # Only CapabilityCall actions are capabilities.

@@ -12,12 +12,13 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from ccos_obsd.metrics.snapshot import SNAPSHOT_FORMAT
 from tests.daemon import DaemonProcess, running_daemon
 
 LEDGER_FAMILIES = (
     "ccos_actions", "ccos_capability_calls", "ccos_capability_duration_seconds", "ccos_capability_cost",
     "ccos_function_calls", "ccos_function_duration_seconds", "ccos_cost", "ccos_ledger_entries",
-    "ccos_metrics_label_overflow",
+    "ccos_metrics_label_overflow", "ccos_capability_calls_started", "ccos_capability_orphan_results",
 )
 
 
@@ -70,7 +71,7 @@ def test_a_restart_loads_the_snapshot_and_folds_in_nothing(state_dir: Path) -> N
     with running_daemon(state_dir) as daemon:
         append_calls(daemon, 0, 300)
         before = ledger_samples(daemon)
-    assert snapshot_row(state_dir) == (1, 300)  # written at shutdown
+    assert snapshot_row(state_dir) == (SNAPSHOT_FORMAT, 300)  # written at shutdown
     with running_daemon(state_dir) as daemon:
         assert restored(daemon)["from_snapshot"] == 300
         assert restored(daemon)["folded_in"] == 0
@@ -84,7 +85,7 @@ def test_entries_after_the_snapshot_are_folded_in(state_dir: Path) -> None:
         append_calls(daemon, 200, 150)
         expected = ledger_samples(daemon)
         daemon.kill()  # no shutdown snapshot: the stored one still covers 200 entries
-    assert snapshot_row(state_dir) == (1, 200)
+    assert snapshot_row(state_dir) == (SNAPSHOT_FORMAT, 200)
     with running_daemon(state_dir) as daemon:
         assert (restored(daemon)["from_snapshot"], restored(daemon)["folded_in"]) == (200, 150)
         assert ledger_samples(daemon) == expected
@@ -129,7 +130,7 @@ def test_snapshots_are_written_periodically_while_running(state_dir: Path) -> No
     with running_daemon(state_dir, env={"CCOS_OBSD_METRICS_SNAPSHOT_INTERVAL": "0.05"}) as daemon:
         append_calls(daemon, 0, 80)
         deadline = time.monotonic() + 10
-        while snapshot_row(state_dir) != (1, 80):
+        while snapshot_row(state_dir) != (SNAPSHOT_FORMAT, 80):
             assert time.monotonic() < deadline, f"no snapshot of 80 entries: {snapshot_row(state_dir)}"
             time.sleep(0.02)
         conn = sqlite3.connect(state_dir / "ledger.db")

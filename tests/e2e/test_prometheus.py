@@ -47,6 +47,7 @@ RECORDS = [
     "capability:ccos_capability_duration_seconds:mean5m",
     "instance:ccos_commit_duration_seconds:p99_5m",
     "capability:ccos_capability_calls:rate5m",
+    "capability:ccos_capability_calls_in_flight:sum",
     "capability:ccos_capability_call_failures_per_calls:ratio_rate5m",
     "action_type:ccos_actions:rate5m",
     "instance:ccos_actions:rate5m",

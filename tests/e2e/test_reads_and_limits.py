@@ -31,6 +31,44 @@ def test_http_read_api_serves_entries_queries_and_stats(daemon: DaemonProcess) -
     assert stats["total_cost"] == 0.5
 
 
+def test_http_stats_takes_the_stats_filters(daemon: DaemonProcess) -> None:
+    with daemon.client() as client:
+        client.append_batch([
+            {"action_type": "CapabilityCall", "function_name": "web.search", "plan_id": "p1", "intent_id": "i1",
+             "cost": 0.5, "duration_ms": 20, "success": True},
+            {"action_type": "CapabilityCall", "function_name": "llm.complete", "plan_id": "p2", "intent_id": "i1",
+             "cost": 2.0, "duration_ms": 900, "success": False},
+            {"action_type": "AgentLlmConsultation", "function_name": "llm.plan", "plan_id": "p1", "cost": 0.25},
+        ])
+        socket_answer = client.stats(plan_id="p1", intent_id="i1", capability="llm.complete", function="web.search")
+    status, _, body = daemon.get("/v1/stats?plan_id=p1&intent_id=i1&capability=llm.complete&function=web.search")
+    assert status == 200
+    stats = json.loads(body)
+    assert stats == {k: v for k, v in socket_answer.items() if k != "ok"}
+    assert (stats["plan_cost"], stats["intent_cost"], stats["total_cost"]) == (0.75, 2.5, 2.75)
+    assert set(stats["capabilities"]) == {"llm.complete"} and set(stats["functions"]) == {"web.search"}
+    assert stats["capabilities"]["llm.complete"]["failures"] == 1
+    assert stats["functions"]["web.search"]["successes"] == 1
+    status, _, body = daemon.get("/v1/stats?plan_id=nobody")
+    assert status == 200 and json.loads(body)["plan_cost"] == 0
+    status, _, body = daemon.get("/v1/stats?bogus=1")
+    assert status == 400 and json.loads(body)["error"]["field"] == "bogus"
+
+
+def test_http_logs_pages_after_a_line_number_given_in_headers(daemon: DaemonProcess) -> None:
+    status, headers, _ = daemon.get("/v1/logs?n=0")
+    assert status == 200 and "Ccos-Log-Missed" not in headers
+    last = int(headers["Ccos-Log-Last"])
+    with daemon.client() as client:
+        appended = client.append({"action_type": "IntentCreated"})
+    status, headers, body = daemon.get(f"/v1/logs?after={last}&n=1000")
+    assert status == 200 and headers["Ccos-Log-Missed"] == "0"
+    lines = [json.loads(line) for line in body.decode().splitlines()]
+    assert int(headers["Ccos-Log-Last"]) == last + len(lines)
+    assert [line["action_id"] for line in lines if line["event"] == "action_appended"] == [appended["action_id"]]
+    assert daemon.get("/v1/logs?after=x")[0] == 400
+
+
 def test_appends_beyond_max_pending_answer_busy(state_dir: Path) -> None:
     daemon = DaemonProcess(state_dir, env={"CCOS_OBSD_LEDGER_MAX_PENDING": "2"}).start()
     try:

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.daemon import DaemonProcess, run_cli, running_daemon
@@ -136,7 +137,7 @@ def test_the_ingestor_capability_and_a_rebuild_that_reproduces_its_records(state
         with daemon.client() as client:
             single = client.request({"op": "call", "capability": INGEST,
                                      "args": ["single", {"summary": "cheaper provider found", "provider": "Acme"}]})
-            assert single == {"ok": True, "result": {"mode": "single", "ingested": 1, "errors": []}}
+            assert single == {"ok": True, "result": {"mode": "single", "ingested": 1, "errors": [], "delivered": True}}
             batch = client.request({"op": "call", "capability": INGEST,
                                     "args": ["batch", [{"summary": "one"}, {"bogus": 1}, {"content": "three"}]]})
             assert batch["result"]["ingested"] == 2
@@ -163,7 +164,8 @@ def test_the_ingestor_capability_and_a_rebuild_that_reproduces_its_records(state
         assert run_cli("wm", "digest", "--socket", str(daemon.socket_path), env=env).stdout == incremental
         with daemon.client() as client:
             answer = client.request({"op": "call", "capability": INGEST, "args": ["replay"]})
-        assert answer["result"]["mode"] == "replay" and answer["result"]["scanned_actions"] == 4
+        # The replay call's own CapabilityCall is committed first: the replay scans it too.
+        assert answer["result"]["mode"] == "replay" and answer["result"]["scanned_actions"] == 5
     finally:
         daemon.stop()
 
@@ -182,6 +184,37 @@ def test_wm_budgets_evict_the_oldest_first(state_dir: Path) -> None:
         assert plans == ["p11", "p10", "p9", "p8", "p7"]
     finally:
         daemon.stop()
+
+
+@pytest.mark.parametrize("budget", [{"CCOS_OBSD_WM_MAX_ENTRIES": "100"}, {"CCOS_OBSD_WM_MAX_TOKENS": "1500"}],
+                         ids=["max_entries", "max_tokens"])
+def test_a_rebuild_under_budgets_reproduces_the_live_digest(state_dir: Path, budget: dict[str, str]) -> None:
+    env = {"CCOS_OBSD_WM_ENABLED": "true", **budget}
+    daemon = DaemonProcess(state_dir, env=env).start()
+    try:
+        with daemon.client() as client:
+            for batch in range(10):  # 1,000 actions stamped out of order, of uneven sizes, and ingested records
+                client.append_batch([
+                    {"action_type": "CapabilityCall", "function_name": "f" * (n % 37 + 1),
+                     "timestamp_ms": 1_700_000_000_000 + (n * 7_919 % 1_000) * 1_000}
+                    for n in range(batch * 100, batch * 100 + 100)
+                ])
+                assert client.request({"op": "call", "capability": INGEST, "args": ["batch", [
+                    {"summary": f"insight {batch}.{k}", "timestamp_s": 1_700_000_000 + batch * 97 + k}
+                    for k in range(5)]]})["ok"]
+            head = client.ping()
+        wait_for(lambda: sample(daemon, "ccos_sink_lag_entries", sink="wm") == 0, "WM to catch up", 60)
+        with daemon.client(timeout=120) as client:
+            live = client.request({"op": "wm_digest"})
+            entries = live["entries"]
+            assert entries == 100 if "CCOS_OBSD_WM_MAX_ENTRIES" in budget else 0 < entries < head
+            assert client.request({"op": "replay"})["scanned_actions"] == head  # the socket's replay
+            assert client.request({"op": "wm_digest"}) == live
+    finally:
+        daemon.stop()
+    rebuilt = run_cli("replay", "--state-dir", str(state_dir), "--quiet", env=env)  # the offline one
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert run_cli("wm", "digest", "--state-dir", str(state_dir), env=env).stdout.decode().strip() == live["digest"]
 
 
 def test_sigkill_before_the_sink_delivered_loses_nothing_and_duplicates_nothing(state_dir: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -10,13 +11,22 @@ from prometheus_client.openmetrics.exposition import generate_latest as openmetr
 from ccos_obsd.metrics.aggregates import DEFAULT_DURATION_BUCKETS, Aggregates, Histogram, LiveGauges, SinkView, WmView
 from ccos_obsd.metrics.collector import LedgerCollector
 from ccos_obsd.sinks.base import DELIVERY_BUCKETS
-from ccos_obsd.sinks.wm import WM_INGEST_BUCKETS
+from ccos_obsd.wm.capability import DURATION_BUCKETS as WM_INGEST_BUCKETS
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0"
 
 
+_ids = itertools.count()
+
+
 def action(action_type: str = "CapabilityCall", **fields: Any) -> dict[str, Any]:
-    return {"action_type": action_type, **fields}
+    """An action's fields with a fresh ``action_id`` (a result names its call with ``parent_action_id``)."""
+    return {"action_type": action_type, "action_id": f"id-{next(_ids)}", **fields}
+
+
+def result_of(call: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    """The ``CapabilityResult`` of ``call``, as CCOS's record_result appends it."""
+    return action("CapabilityResult", parent_action_id=call["action_id"], **fields)
 
 
 def observed(*entries: dict[str, Any], buckets: tuple[float, ...] = DEFAULT_DURATION_BUCKETS) -> Aggregates:
@@ -66,5 +76,6 @@ def collector(created: tuple[float, float] | None = None) -> LedgerCollector:
     ingest.observe(0.002)
     return LedgerCollector(
         aggregates, LiveGauges(connections_open=2, bytes_received=999, ledger_bytes=4096), lambda: 7,
-        lambda: [SinkView("wm", 3, 37, 1, durations)], lambda: WmView(37, ingest), lambda: 1.5, created,
+        lambda: [SinkView("wm", 3, 37, 1, durations, lag_seconds=2.5)], lambda: WmView(37, ingest), lambda: 1.5,
+        created,
     )

@@ -1,4 +1,4 @@
-"""Configuration: defaults < TOML file < CCOS_OBSD_* environment < overrides (flags).
+"""Configuration: defaults < TOML file < CCOS_OBSD_* environment (and CCOS's aliases) < overrides (flags).
 
 Every problem is a ConfigError whose ``key`` names the offending key (or variable).
 """
@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from ccos_obsd.config import KEYS, default_wm_sink, env_name, load_config
+from ccos_obsd.config import ENV_ALIASES, KEYS, default_wm_sink, env_name, load_config
 from ccos_obsd.errors import ConfigError
 
 SHIPPED_CONFIG = Path(__file__).resolve().parents[2] / "config" / "ccos-obsd.toml"
@@ -159,6 +159,46 @@ def test_every_key_can_come_from_its_environment_variable(
 def test_config_file_variable_and_foreign_variables_are_not_keys() -> None:
     environ = {"CCOS_OBSD_CONFIG": "/etc/ccos-obsd.toml", "CCOS_OTHER": "x", "PATH": "/bin"}
     assert load_config(environ=environ) == load_config(environ={})
+
+
+# --- CCOS's own environment switches
+
+
+@pytest.mark.parametrize(("alias", "text", "read"), [
+    ("CCOS_WM_MAX_ENTRIES", "100", lambda c: c.wm.max_entries == 100),
+    ("CCOS_WM_MAX_TOKENS", "5000", lambda c: c.wm.max_tokens == 5000),
+    ("CCOS_ENABLE_WM_INGESTOR", "false", lambda c: c.wm.enabled is False and c.wm_sink is None),
+    ("CCOS_LOG_BUFFER_CAPACITY", "1024", lambda c: c.log.ring_size == 1024),
+])
+def test_a_ccos_environment_switch_sets_its_key(alias: str, text: str, read: Any) -> None:
+    assert read(load_config(environ={alias: text}))
+
+
+def test_each_ccos_switch_is_an_alias_of_one_key() -> None:
+    assert ENV_ALIASES == {"CCOS_WM_MAX_ENTRIES": "wm.max_entries", "CCOS_WM_MAX_TOKENS": "wm.max_tokens",
+                           "CCOS_ENABLE_WM_INGESTOR": "wm.enabled", "CCOS_LOG_BUFFER_CAPACITY": "log.ring_size"}
+
+
+@pytest.mark.parametrize(("alias", "key"), sorted(ENV_ALIASES.items()))
+def test_the_ccos_obsd_variable_wins_over_the_ccos_alias(alias: str, key: str) -> None:
+    ours, theirs = ("no", "yes") if key == "wm.enabled" else ("7", "9")
+    both = load_config(environ={alias: theirs, env_name(key): ours})
+    assert both == load_config(environ={env_name(key): ours})
+    assert both != load_config(environ={alias: theirs})
+
+
+def test_the_file_and_flags_rank_around_the_aliases(write_toml: Any) -> None:
+    path = write_toml("[wm]\nmax_entries = 10\nenabled = false\n")
+    from_environ = load_config(path, environ={"CCOS_WM_MAX_ENTRIES": "20", "CCOS_ENABLE_WM_INGESTOR": "1"})
+    assert (from_environ.wm.max_entries, from_environ.wm.enabled) == (20, True)
+    overridden = load_config(path, environ={"CCOS_WM_MAX_ENTRIES": "20"}, overrides={"wm.max_entries": "30"})
+    assert overridden.wm.max_entries == 30
+
+
+def test_a_bad_alias_value_names_its_key() -> None:
+    error = config_error(environ={"CCOS_LOG_BUFFER_CAPACITY": "lots"})
+    assert error.key == "log.ring_size"
+    assert "'lots'" in str(error)
 
 
 def test_explicit_socket_path(tmp_path: Path) -> None:

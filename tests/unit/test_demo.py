@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from ccos_obsd.actions import ACTION_TYPES, validate_action
-from ccos_obsd.demo import CAPABILITIES, MAX_ATTEMPTS, TIMEOUT_MS, Workload, run_demo
+from ccos_obsd.demo import CAPABILITIES, MAX_ATTEMPTS, TIMEOUT_MS, CapabilityProfile, Workload, run_demo
 from ccos_obsd.ledger.entry import outcome
 
 SAMPLE = 20_000
@@ -27,6 +27,13 @@ def actions() -> list[dict[str, Any]]:
 @pytest.fixture(scope="module")
 def calls(actions: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [a for a in actions if a["action_type"] == "CapabilityCall"]
+
+
+@pytest.fixture(scope="module")
+def completions(actions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The action that completes each call: its result, or the call itself when it carries its outcome."""
+    return [a for a in actions if a["action_type"] == "CapabilityResult"
+            or (a["action_type"] == "CapabilityCall" and "success" in a)]
 
 
 def test_every_action_is_valid_as_sent(actions: list[dict[str, Any]]) -> None:
@@ -90,23 +97,24 @@ def test_it_covers_the_lifecycle_governance_and_budget_events(actions: list[dict
     assert kinds["CapabilityCall"] == kinds.most_common(1)[0][1]
 
 
-def test_calls_carry_duration_cost_and_outcome(calls: list[dict[str, Any]]) -> None:
-    for call in calls:
-        assert 0 < call["duration_ms"] <= TIMEOUT_MS
-        assert call["cost"] >= 0
-        assert isinstance(call["success"], bool)
-        assert ("error" in call) == (not call["success"])
-    assert sum(c["cost"] for c in calls) > 0
+def test_completed_calls_carry_duration_cost_and_outcome(completions: list[dict[str, Any]]) -> None:
+    for completion in completions:
+        assert 0 < completion["duration_ms"] <= TIMEOUT_MS
+        assert completion["cost"] >= 0
+        assert isinstance(completion["success"], bool)
+        assert outcome(completion) == ("success" if completion["success"] else "failure")
+        assert ("error" in completion) == (not completion["success"])
+    assert sum(c["cost"] for c in completions) > 0
 
 
-def test_failure_rate_is_occasional(calls: list[dict[str, Any]]) -> None:
-    failed = sum(outcome(c) == "failure" for c in calls)
-    assert 0.01 <= failed / len(calls) <= 0.10
+def test_failure_rate_is_occasional(completions: list[dict[str, Any]]) -> None:
+    failed = sum(outcome(c) == "failure" for c in completions)
+    assert 0.01 <= failed / len(completions) <= 0.10
 
 
-def test_latencies_are_skewed_per_capability(calls: list[dict[str, Any]]) -> None:
+def test_latencies_are_skewed_per_capability(completions: list[dict[str, Any]]) -> None:
     for capability in CAPABILITIES:
-        durations = sorted(c["duration_ms"] for c in calls if c["function_name"] == capability.name)
+        durations = sorted(c["duration_ms"] for c in completions if c["function_name"] == capability.name)
         median = durations[len(durations) // 2]
         p95 = durations[int(len(durations) * 0.95)]
         assert capability.median_ms / 1.6 <= median <= capability.median_ms * 1.6, capability.name
@@ -115,25 +123,44 @@ def test_latencies_are_skewed_per_capability(calls: list[dict[str, Any]]) -> Non
     assert max(medians.values()) / min(medians.values()) > 100
 
 
-def test_each_call_is_answered_by_a_result_and_failures_are_retried(actions: list[dict[str, Any]]) -> None:
+def test_most_calls_are_a_call_then_its_result_as_ccos_records_them(calls: list[dict[str, Any]]) -> None:
+    paired = [c for c in calls if "success" not in c]
+    assert 0.7 <= len(paired) / len(calls) < 1.0  # most, and some self-contained ones too
+    for call in paired:
+        assert not {"duration_ms", "cost", "error", "result"} & call.keys()  # the outcome is the result's
+    for call in calls:
+        assert ("success" in call) == ("duration_ms" in call) == (not _profile(call).paired)
+
+
+def test_each_paired_call_is_answered_by_its_result_and_failures_are_retried(actions: list[dict[str, Any]]) -> None:
     by_id = {a["action_id"]: a for a in actions}
     results = [a for a in actions if a["action_type"] == "CapabilityResult"]
     for result in results:
         call = by_id[result["parent_action_id"]]
-        assert call["action_type"] == "CapabilityCall"
+        assert call["action_type"] == "CapabilityCall" and "success" not in call
         assert result["function_name"] == call["function_name"]
-        assert result["result"]["success"] == call["success"]
-        assert "duration_ms" not in result and "cost" not in result  # counted once, on the call
+        assert result["result"]["success"] == result["success"]
+        correlation = {"run_id": call["metadata"]["run_id"], "step_id": call["step_id"]}
+        assert result["metadata"] == result["result"]["metadata"] == correlation
+        assert call["metadata"]["step_id"] == call["step_id"]
+        assert {k: result[k] for k in ("session_id", "intent_id", "plan_id", "step_id")} == {
+            k: call[k] for k in ("session_id", "intent_id", "plan_id", "step_id")}
+    assert len({r["parent_action_id"] for r in results}) == len(results)  # one result per call
     answered = {r["parent_action_id"] for r in results}
     calls = [a for a in actions if a["action_type"] == "CapabilityCall"]
+    paired = [c for c in calls if "success" not in c]
     # All but the calls still in flight when the sample was cut have their result.
-    assert len(calls) - len(answered) <= 4
+    assert len(paired) - len(answered) <= 4
     attempts = Counter(c["metadata"]["attempt"] for c in calls)
     assert set(attempts) <= set(range(1, MAX_ATTEMPTS + 1))
     assert attempts[2] > 0
     assert attempts[2] == pytest.approx(
         sum(1 for a in actions if a["action_type"] == "PlanStepRetrying" and a["metadata"]["attempt"] == 2), abs=4
     )
+
+
+def _profile(call: dict[str, Any]) -> CapabilityProfile:
+    return next(c for c in CAPABILITIES if c.name == call["function_name"])
 
 
 def test_sessions_interleave(actions: list[dict[str, Any]]) -> None:

@@ -7,7 +7,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from ccos_obsd.metrics.aggregates import Aggregates, LiveGauges
 from ccos_obsd.metrics.collector import LedgerCollector
-from tests.unit.metrics_helpers import action, entry, observed, openmetrics
+from tests.unit.metrics_helpers import action, entry, observed, openmetrics, result_of
 
 LEDGER_FAMILIES = {
     # name in the exposition: TYPE
@@ -31,8 +31,8 @@ def aggregates() -> Aggregates:
     aggregates = observed(
         action("CapabilityCall", function_name="ccos.echo", success=True, cost=0.5, duration_ms=5),
         action("CapabilityCall", function_name="ccos.echo", success=False, cost=0.25, duration_ms=120),
-        action("CapabilityCall", function_name="ccos.echo"),
-        action("CapabilityResult", function_name="ccos.echo", result={"success": True}),
+        open_call := action("CapabilityCall", function_name="ccos.echo"),
+        result_of(open_call, function_name="ccos.echo", result={"value": "no success flag"}),
         action("PlanStarted", cost=1),
     )
     aggregates.observe_commit(0.003, 1)
@@ -56,7 +56,10 @@ def test_collector_samples(registry: CollectorRegistry) -> None:
     assert value("ccos_capability_calls_total", {"capability": "ccos.echo", "outcome": "success"}) == 1
     assert value("ccos_capability_calls_total", {"capability": "ccos.echo", "outcome": "failure"}) == 1
     assert value("ccos_capability_calls_total", {"capability": "ccos.echo", "outcome": "unknown"}) == 1
-    assert value("ccos_function_calls_total", {"function": "ccos.echo", "outcome": "success"}) == 2
+    assert value("ccos_function_calls_total", {"function": "ccos.echo", "outcome": "success"}) == 1
+    assert value("ccos_function_calls_total", {"function": "ccos.echo", "outcome": "unknown"}) == 1
+    assert value("ccos_capability_calls_started_total", {"capability": "ccos.echo"}) == 3
+    assert value("ccos_capability_orphan_results_total") == 0
     assert value("ccos_cost_total") == 1.75
     assert value("ccos_capability_cost_total", {"capability": "ccos.echo"}) == 0.75
     assert value("ccos_ledger_entries") == 5

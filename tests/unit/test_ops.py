@@ -13,7 +13,9 @@ import asyncio
 import contextlib
 import json
 import os
+import sqlite3
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +33,7 @@ from ccos_obsd.metrics.aggregates import Aggregates
 from ccos_obsd.ops import HTTP_CALLER, TABLE, Answer, Caller, Later, Ops, parse_entry_query
 from ccos_obsd.protocol import dispatch_line
 from ccos_obsd.statedir import key_path
+from ccos_obsd.wm import capability
 from ccos_obsd.wm.replay import LiveReplay
 
 KEY_NAME = "test/ccos-obsd"
@@ -62,6 +65,24 @@ class Sinks:
         self.events.append("resume")
 
 
+class WmSink:
+    """Stands in for the WM sink an ingest call waits for: answers at once unless ``hold``, then on ``release``."""
+
+    def __init__(self, *, hold: bool = False, delivers: bool = True) -> None:
+        self.asked: list[tuple[int, float]] = []
+        self.waiting = asyncio.Event()
+        self.release = asyncio.Event()
+        self.delivers = delivers
+        if not hold:
+            self.release.set()
+
+    async def delivered(self, through: int, timeout_s: float) -> bool:
+        self.asked.append((through, timeout_s))
+        self.waiting.set()
+        await self.release.wait()
+        return self.delivers
+
+
 @dataclass
 class Running:
     """An op table wired as the daemon wires it, minus the servers."""
@@ -70,11 +91,13 @@ class Running:
     config: Config
     log_ring: LogRing
     sinks: Sinks
+    wm_sink: WmSink
 
 
 @contextlib.asynccontextmanager
 async def open_ops(
-    state_dir: Path, settings: dict[str, str] | None = None, sinks: Sinks | None = None
+    state_dir: Path, settings: dict[str, str] | None = None, sinks: Sinks | None = None,
+    wm: WmSink | None = None,
 ) -> AsyncIterator[Running]:
     """``settings`` are configuration keys, as flags give them."""
     config = load_config(environ={}, overrides={"state_dir": str(state_dir), **(settings or {})})
@@ -91,9 +114,10 @@ async def open_ops(
         db, wm_sink.path, wm_sink.name, lambda: writer.head.size, pause_sinks=sinks.pause, resume_sinks=sinks.resume
     )
     log_ring = LogRing(config.log.ring_size)
-    ops = Ops(config, writer, readers.read, aggregates, log_ring, replay)
+    wm = wm or WmSink()
+    ops = Ops(config, writer, readers.read, aggregates, log_ring, replay, None if replay is None else wm.delivered)
     try:
-        yield Running(ops, config, log_ring, sinks)
+        yield Running(ops, config, log_ring, sinks, wm)
     finally:
         # The daemon's order: the ops' background work, then the readers, then the writer.
         await ops.close()
@@ -290,9 +314,41 @@ async def test_logs_answers_the_most_recent_lines_parsed(running: Running) -> No
     for n in range(3):
         running.log_ring.append(json.dumps({"event": "line", "n": n}))
     assert await running.ops.call("logs", {"n": 2}) == {"ok": True, "lines": [{"event": "line", "n": 1},
-                                                                              {"event": "line", "n": 2}]}
-    assert (await running.ops.call("logs", {"n": 0}))["lines"] == []
+                                                                              {"event": "line", "n": 2}], "last": 3}
+    assert await running.ops.call("logs", {"n": 0}) == {"ok": True, "lines": [], "last": 3}
     assert len((await running.ops.call("logs", {}))["lines"]) == 3
+
+
+def same_lines(ring: LogRing, count: int) -> None:
+    """``count`` identical lines: only their numbers tell them apart."""
+    ring.extend([json.dumps({"event": "tick"})] * count)
+
+
+async def test_logs_after_a_line_number_answers_only_the_lines_that_follow_it(running: Running) -> None:
+    same_lines(running.log_ring, 3)
+    first = await running.ops.call("logs", {"n": 2})
+    assert first["last"] == 3
+    assert await running.ops.call("logs", {"after": 3}) == {"ok": True, "lines": [], "last": 3, "missed": 0}
+    same_lines(running.log_ring, 5)
+    # The oldest lines after the cursor first, n at a time, so a reader pages through them all.
+    page = await running.ops.call("logs", {"after": 3, "n": 2})
+    assert (len(page["lines"]), page["last"], page["missed"]) == (2, 5, 0)
+    rest = await running.ops.call("logs", {"after": page["last"], "n": 10})
+    assert (len(rest["lines"]), rest["last"], rest["missed"]) == (3, 8, 0)
+
+
+async def test_logs_after_says_how_many_lines_the_ring_dropped_before_they_were_read(tmp_path: Path) -> None:
+    async with open_ops(tmp_path, {"log.ring_size": "4"}) as running:
+        same_lines(running.log_ring, 10)  # lines 7..10 are left
+        answer = await running.ops.call("logs", {"after": 2, "n": 10})
+        assert (len(answer["lines"]), answer["last"], answer["missed"]) == (4, 10, 4)
+        assert (await running.ops.call("logs", {"after": 0}))["missed"] == 6
+
+
+@pytest.mark.parametrize("after", [-1, True, "3", 2.0])
+async def test_logs_after_must_be_a_line_number(ops: Ops, after: Any) -> None:
+    message = refused(await ops.call("logs", {"after": after}), "invalid_request", "after")
+    assert message == "after must be a non-negative integer"
 
 
 # --- query
@@ -305,17 +361,20 @@ def test_a_query_with_no_filters_is_the_first_page_oldest_first() -> None:
 def test_query_filters_become_one_checked_query() -> None:
     query = parse_entry_query({"plan_id": "p", "action_type": "PlanStarted", "function_prefix": "web.",
                                "since_ms": 10, "until_ms": 20, "after_seq": 3, "limit": store.MAX_QUERY_LIMIT,
-                               "order": "desc", "run_id": "r"})
+                               "order": "desc", "run_id": "r", "step_id": "s"})
     assert query == store.EntryQuery(
-        equal={"plan_id": "p", "action_type": "PlanStarted"}, function_prefix="web.", run_id="r",
+        equal={"plan_id": "p", "action_type": "PlanStarted"}, function_prefix="web.", run_id="r", step_id="s",
         since_ms=10, until_ms=20, after_seq=3, limit=store.MAX_QUERY_LIMIT, order="desc",
     )
+    assert parse_entry_query({"plan_id": "p", "order": "time"}).order == "time"
 
 
 @pytest.mark.parametrize(("request_fields", "field", "message"), [
     ({"bogus": 1}, "bogus", "unknown query filter 'bogus'"),
     ({"seq": 1}, "seq", "unknown query filter 'seq'"),
-    ({"order": "newest"}, "order", "order must be 'asc' or 'desc'"),
+    ({"order": "newest"}, "order", "order must be 'asc', 'desc' or 'time'"),
+    ({"order": "time", "after_seq": 3}, "after_seq", "after_seq pages in seq order; it does not apply to order 'time'"),
+    ({"step_id": 5}, "step_id", "step_id must be a string"),
     ({"limit": 0}, "limit", f"limit must be between 1 and {store.MAX_QUERY_LIMIT}"),
     ({"limit": store.MAX_QUERY_LIMIT + 1}, "limit", f"limit must be between 1 and {store.MAX_QUERY_LIMIT}"),
     ({"limit": "10"}, "limit", "limit must be an integer"),
@@ -347,6 +406,46 @@ async def test_query_filters_combine_and_order_desc_pages_backwards(ops: Ops) ->
     refused(await ops.call("query", {"limit": 0}), "invalid_request", "limit")
 
 
+async def query_seqs(ops: Ops, **filters: Any) -> list[int]:
+    answer = await ops.call("query", filters)
+    assert answer["ok"] is True, answer
+    return [record["seq"] for record in answer["records"]]
+
+
+async def test_run_id_and_step_id_also_match_the_results_of_a_matching_call(ops: Ops) -> None:
+    """CCOS's results inherit run_id and step_id from their call: a result matches through its parent."""
+    traced = {"step_id": "s1", "metadata": {"run_id": "r1"}}
+    await append(ops, action_type="CapabilityCall", action_id="call-1", function_name="web.search", **traced)  # 0
+    await append(ops, action_type="CapabilityResult", parent_action_id="call-1", success=True)  # 1: inherits
+    await append(ops, action_type="PlanStepRetrying", parent_action_id="call-1")  # 2: a child, not a result
+    await append(ops, action_type="CapabilityCall", action_id="call-2", step_id="s2",
+                 metadata={"run_id": "r2"})  # 3
+    await append(ops, action_type="CapabilityResult", parent_action_id="call-2",
+                 result={"success": True, "metadata": {"run_id": "r1"}})  # 4: its own run_id
+    await append(ops, action_type="CapabilityResult", parent_action_id="nobody", step_id="s1")  # 5: its own step
+    await append(ops, action_type="CapabilityResult", parent_action_id="nobody")  # 6: an orphan matches nothing
+
+    assert await query_seqs(ops, run_id="r1") == [0, 1, 4]
+    assert await query_seqs(ops, run_id="r2") == [3, 4]  # 4 also through its call
+    assert await query_seqs(ops, step_id="s1") == [0, 1, 5]
+    assert await query_seqs(ops, step_id="s2") == [3, 4]
+    assert await query_seqs(ops, run_id="r1", step_id="s1") == [0, 1]
+    assert await query_seqs(ops, run_id="r1", action_type="CapabilityResult", order="desc") == [4, 1]
+    assert await query_seqs(ops, step_id="nothing") == []
+
+
+async def test_order_time_is_the_execution_trace_by_timestamp_then_seq(ops: Ops) -> None:
+    for timestamp_ms in (3000, 1000, 2000, 1000):
+        await append(ops, plan_id="p1", timestamp_ms=timestamp_ms)
+    await append(ops, plan_id="p2", timestamp_ms=500)
+    await append(ops, plan_id="p1")  # no timestamp: ordered by its recording time, after the others
+
+    assert await query_seqs(ops, plan_id="p1", order="time") == [1, 3, 2, 0, 5]
+    assert await query_seqs(ops, order="time", limit=3) == [4, 1, 3]
+    assert await query_seqs(ops, plan_id="p1", order="time", since_ms=2000, until_ms=3001) == [2, 0]
+    refused(await ops.call("query", {"order": "time", "after_seq": 1}), "invalid_request", "after_seq")
+
+
 # --- stats
 
 
@@ -373,13 +472,93 @@ async def test_stats_filters_must_be_strings(ops: Ops, field: str) -> None:
 # --- the ingestor capability
 
 
-async def test_a_capability_call_is_recorded_as_a_call_and_its_result(ops: Ops) -> None:
+INGEST = "observability.ingestor:v1.ingest"
+
+
+async def test_a_capability_call_is_recorded_as_a_call_and_its_result(running: Running) -> None:
+    ops = running.ops
+    await append(ops)
     args = ["single", {"summary": "fetched the page", "plan_id": "p"}]
-    answer = await ops.call("call", {"capability": "observability.ingestor:v1.ingest", "args": args})
-    assert answer == {"ok": True, "result": {"mode": "single", "ingested": 1, "errors": []}}
-    records = (await ops.call("query", {}))["records"]
-    assert [r["entry"]["action_type"] for r in records] == ["CapabilityCall", "CapabilityResult"]
-    assert records[1]["entry"]["parent_action_id"] == records[0]["entry"]["action_id"]
+    answer = await ops.call("call", {"capability": INGEST, "args": args})
+    assert answer == {"ok": True, "result": {"mode": "single", "ingested": 1, "errors": [], "delivered": True}}
+    records = (await ops.call("query", {"function_name": INGEST}))["records"]
+    call, result = (r["entry"] for r in records)
+    # As CCOS records a call: the call carries the records; its result, the outcome and the duration.
+    assert (call["action_type"], call["arguments"][0], call["seq"]) == ("CapabilityCall", "single", 1)
+    assert "duration_ms" not in call and "success" not in call
+    assert (result["action_type"], result["parent_action_id"], result["success"]) == (
+        "CapabilityResult", call["action_id"], True)
+    assert result["duration_ms"] > 0 and result["result"]["value"] == answer["result"]
+    # The result waited for Working Memory to take every entry up to the call's.
+    assert running.wm_sink.asked == [(2, capability.WM_DELIVERY_TIMEOUT_S)]
+
+
+async def test_the_result_records_the_whole_call_until_working_memory_took_the_records(tmp_path: Path) -> None:
+    async with open_ops(tmp_path, wm=WmSink(hold=True)) as running:
+        ops = running.ops
+        started = time.monotonic()
+        reply = ops.run(TABLE["call"], {"capability": INGEST, "args": ["batch", [{"summary": "s"}]]}, HTTP_CALLER)
+        assert isinstance(reply, Later)
+        await asyncio.wait_for(running.wm_sink.waiting.wait(), WAIT_S)
+        assert (await ops.call("ping", {}))["head"] == 1  # the call is committed; its result waits
+        assert not reply.future.done()
+        held_ms = (time.monotonic() - started) * 1000
+        running.wm_sink.release.set()
+        answer = reply.transform(await reply.future)
+        assert answer["ok"] and answer["result"]["delivered"] is True
+        result = (await ops.call("get", {"seq": 1}))["record"]["entry"]
+        assert result["duration_ms"] >= held_ms
+
+
+async def test_a_call_answers_when_working_memory_is_late_and_says_so(tmp_path: Path) -> None:
+    async with open_ops(tmp_path, wm=WmSink(delivers=False)) as running:
+        answer = await running.ops.call("call", {"capability": INGEST, "args": ["single", {"summary": "s"}]})
+        assert answer["ok"] and answer["result"]["delivered"] is False
+        assert (await running.ops.call("get", {"seq": 1}))["record"]["entry"]["success"] is True
+
+
+async def test_with_working_memory_off_a_call_is_recorded_up_to_its_commit(tmp_path: Path) -> None:
+    async with open_ops(tmp_path, {"wm.enabled": "false"}) as off:
+        answer = await off.ops.call("call", {"capability": INGEST, "args": ["single", {"summary": "s"}]})
+        assert answer == {"ok": True, "result": {"mode": "single", "ingested": 1, "errors": [], "delivered": False}}
+        result = (await off.ops.call("get", {"seq": 1}))["record"]["entry"]
+        assert result["success"] is True and result["duration_ms"] > 0
+        assert off.wm_sink.asked == []
+
+
+async def test_every_ingest_call_is_one_ingest_duration(running: Running) -> None:
+    ops = running.ops
+    calls = [["single", {"summary": "a"}], ["batch", [{"summary": "b"}, {"bogus": 1}]], ["batch", [{"x": 1}]],
+             ["replay"]]
+    for args in calls:
+        assert (await ops.call("call", {"capability": INGEST, "args": args}))["ok"], args
+    refused(await ops.call("call", {"capability": INGEST, "args": ["single", {"bogus": 1}]}), "invalid_request", "args")
+    durations = ops.ingest_durations()
+    results = [r["entry"] for r in (await ops.call("query", {"action_type": "CapabilityResult"}))["records"]]
+    assert durations.count == len(calls) == len(results)
+    assert durations.total == pytest.approx(sum(r["duration_ms"] for r in results) / 1000, abs=1e-5)
+    assert [r["success"] for r in results] == [True, True, False, True]
+
+
+async def test_a_replay_call_that_fails_records_a_failed_result(tmp_path: Path) -> None:
+    async with open_ops(tmp_path) as running:
+        running.config.wm_path.write_text("not a database")  # type: ignore[union-attr]
+        with pytest.raises(sqlite3.DatabaseError):
+            await running.ops.call("call", {"capability": INGEST, "args": ["replay"]})
+        result = (await running.ops.call("get", {"seq": 1}))["record"]["entry"]
+        assert result["success"] is False and result["error"].startswith("DatabaseError: ")
+        assert running.sinks.events == ["pause", "resume"]
+
+
+async def test_close_cancels_a_call_waiting_for_working_memory(tmp_path: Path) -> None:
+    async with open_ops(tmp_path, wm=WmSink(hold=True)) as running:
+        reply = running.ops.run(TABLE["call"], {"capability": INGEST, "args": ["single", {"summary": "s"}]},
+                                HTTP_CALLER)
+        assert isinstance(reply, Later)
+        await asyncio.wait_for(running.wm_sink.waiting.wait(), WAIT_S)
+        await running.ops.close()
+        assert reply.future.cancelled()
+        assert (await running.ops.call("ping", {}))["head"] == 1  # the call, without a result: still open
 
 
 async def test_an_unknown_capability_is_refused(ops: Ops) -> None:

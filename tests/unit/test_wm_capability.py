@@ -13,7 +13,14 @@ import pytest
 
 from ccos_obsd.actions import validate_action
 from ccos_obsd.errors import InvalidRequest
-from ccos_obsd.wm.capability import CAPABILITY, DEFAULT_KIND, call_actions, normalize_record, parse_call
+from ccos_obsd.wm.capability import (
+    CAPABILITY,
+    DEFAULT_KIND,
+    call_action,
+    normalize_record,
+    parse_call,
+    result_action,
+)
 
 UUID4 = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 NOW_S = 1_700_000_000.123456
@@ -137,17 +144,19 @@ def test_a_record_must_have_a_canonical_json_form() -> None:
     assert "surrogates not allowed" in str(caught.value)
 
 
-# --- call_actions
+# --- call_action and result_action
 
 
-def test_a_call_is_recorded_as_a_call_and_its_result() -> None:
+def test_a_call_is_recorded_as_a_call_then_its_result() -> None:
     records = [normalize_record({"summary": "a"}, NOW_S), normalize_record({"summary": "b"}, NOW_S)]
     result = {"mode": "batch", "ingested": 2, "errors": []}
-    call, outcome = call_actions("batch", records, result, 1.25, True)
+    call = call_action("batch", records)
+    outcome = result_action(call["action_id"], result, 1.25, True)
     assert UUID4.fullmatch(call["action_id"])
+    # The call carries no outcome nor duration: it completes with its result, as CCOS records a call.
     assert call == {
         "action_id": call["action_id"], "action_type": "CapabilityCall", "function_name": CAPABILITY,
-        "arguments": ["batch", records], "duration_ms": 1.25, "success": True,
+        "arguments": ["batch", records],
     }
     assert outcome == {
         "action_type": "CapabilityResult", "parent_action_id": call["action_id"], "function_name": CAPABILITY,
@@ -156,27 +165,29 @@ def test_a_call_is_recorded_as_a_call_and_its_result() -> None:
 
 
 def test_a_replay_call_carries_no_records() -> None:
-    call, outcome = call_actions("replay", [], {"mode": "replay", "ingested": 3}, 9.0, True)
+    call = call_action("replay", [])
+    outcome = result_action(call["action_id"], {"mode": "replay", "ingested": 3}, 9.0, True)
     assert call["arguments"] == ["replay"]
     assert outcome["result"]["value"] == {"mode": "replay", "ingested": 3}
 
 
-def test_a_failed_call_says_so_in_both_actions() -> None:
+def test_a_failed_call_says_so_in_its_result() -> None:
     errors = [{"index": 0, "reason": "a record must be an object"}]
-    call, outcome = call_actions("batch", [], {"mode": "batch", "ingested": 0, "errors": errors}, 0.5, False)
-    assert call["success"] is False
+    outcome = result_action("c-1", {"mode": "batch", "ingested": 0, "errors": errors}, 0.5, False)
     assert outcome["success"] is False and outcome["result"]["success"] is False
+    assert "error" not in outcome
+    broken = result_action("c-1", {"mode": "replay", "ingested": 0, "errors": []}, 0.5, False, error="OSError: x")
+    assert broken["error"] == "OSError: x"
 
 
 def test_every_call_has_its_own_id() -> None:
-    first, _ = call_actions("single", [], {}, 0.0, True)
-    second, _ = call_actions("single", [], {}, 0.0, True)
-    assert first["action_id"] != second["action_id"]
+    assert call_action("single", [])["action_id"] != call_action("single", [])["action_id"]
 
 
 def test_the_recorded_actions_pass_validation_unchanged() -> None:
     records = [normalize_record({"summary": "s", "provider": "Acme"}, NOW_S)]
-    call, outcome = call_actions("single", records, {"mode": "single", "ingested": 1, "errors": []}, 2.0, True)
+    call = call_action("single", records)
+    outcome = result_action(call["action_id"], {"mode": "single", "ingested": 1, "errors": []}, 2.0, True)
     assert validate_action(call).fields == call
     validated = validate_action(outcome).fields  # the result gets its action_id on validation
     assert {name: value for name, value in validated.items() if name != "action_id"} == outcome

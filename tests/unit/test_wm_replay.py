@@ -20,9 +20,9 @@ from ccos_obsd.ledger.keys import SigningKey
 from ccos_obsd.ledger.writer import LedgerWriter
 from ccos_obsd.sinks.wm import WmSink
 from ccos_obsd.wm import replay
-from ccos_obsd.wm.capability import call_actions, normalize_record
+from ccos_obsd.wm.capability import call_action, normalize_record, result_action
 from ccos_obsd.wm.replay import LiveReplay, rebuild
-from ccos_obsd.wm.store import WmStore
+from ccos_obsd.wm.store import Budgets, WmStore
 
 INGESTED_RECORDS = 3
 
@@ -37,8 +37,8 @@ def actions(count: int) -> list[dict[str, Any]]:
     ]
     records = [normalize_record({"summary": f"insight {n}", "provider": "Acme"}, 1_700_000_000.0)
                for n in range(INGESTED_RECORDS)]
-    call, result = call_actions("batch", records, {"mode": "batch", "ingested": INGESTED_RECORDS, "errors": []},
-                                1.0, True)
+    call = call_action("batch", records)
+    result = result_action(call["action_id"], {"mode": "batch", "ingested": INGESTED_RECORDS, "errors": []}, 1.0, True)
     return [*plain, call, result]
 
 
@@ -57,9 +57,9 @@ def ledger(tmp_path: Path, count: int = 40) -> Path:
     return db
 
 
-def incremental_digest(db: Path, wm_file: Path, batch: int = 7) -> str:
+def incremental_digest(db: Path, wm_file: Path, batch: int = 7, budgets: Budgets | None = None) -> str:
     """The digest of a store the WM sink filled ``batch`` entries at a time."""
-    sink = WmSink("wm", wm_file)
+    sink = WmSink("wm", wm_file, budgets)
     sink.open()
     conn = store.connect(db, readonly=True)
     try:
@@ -173,6 +173,32 @@ def test_worker_processes_rebuild_the_same_store_as_this_process(
     assert digest_of(tmp_path / "wm.db") == incremental_digest(db, tmp_path / "incremental.db")
 
 
+@pytest.mark.parametrize("sink_batch", [1, 7, 50])
+@pytest.mark.parametrize("replay_batch", [3, 16, 10_000])
+@pytest.mark.parametrize("budgets", [Budgets(max_entries=10), Budgets(max_tokens=60), Budgets(12, 90)])
+def test_a_rebuild_keeps_the_budgets_as_the_sink_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sink_batch: int, replay_batch: int, budgets: Budgets
+) -> None:
+    db = ledger(tmp_path, count=80)  # clients' timestamps, out of seq order for the ingested records
+    expected = incremental_digest(db, tmp_path / "incremental.db", sink_batch, budgets)
+    monkeypatch.setattr(replay, "REPLAY_BATCH", replay_batch)
+    rebuild(db, tmp_path / "wm.db", budgets=budgets)
+    assert digest_of(tmp_path / "wm.db") == expected
+    with WmStore.open_readonly(tmp_path / "wm.db") as wm:
+        assert 0 < wm.count() < 82 + INGESTED_RECORDS  # the budgets did evict
+        assert budgets.max_entries is None or wm.count() <= budgets.max_entries
+    assert digest_of(tmp_path / "wm.db") != incremental_digest(db, tmp_path / "unlimited.db", sink_batch)
+
+
+def test_worker_processes_keep_the_budgets_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    db = ledger(tmp_path, count=100)
+    monkeypatch.setattr(replay, "REPLAY_INLINE", 0)
+    monkeypatch.setattr(replay, "REPLAY_BATCH", 16)
+    budgets = Budgets(max_entries=25)
+    rebuild(db, tmp_path / "wm.db", budgets=budgets)
+    assert digest_of(tmp_path / "wm.db") == incremental_digest(db, tmp_path / "incremental.db", 9, budgets)
+
+
 # --- the replay inside the daemon
 
 
@@ -205,13 +231,23 @@ async def test_a_live_replay_pauses_the_sinks_rebuilds_and_resumes_them(tmp_path
     assert cursor(db, "wm") == 22
 
 
+async def test_a_live_replay_keeps_the_budgets_it_was_given(tmp_path: Path) -> None:
+    db = tmp_path / "ledger.db"
+    await write_ledger(db, actions(60))
+    budgets = Budgets(max_entries=20)
+    replayer = LiveReplay(db, tmp_path / "wm.db", "wm", lambda: head(db), pause_sinks=lambda: None,
+                          resume_sinks=lambda: None, budgets=budgets)
+    await replayer.run(0)
+    assert digest_of(tmp_path / "wm.db") == incremental_digest(db, tmp_path / "incremental.db", 5, budgets)
+
+
 async def test_a_live_replay_reports_progress_while_it_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[tuple[int, int] | None] = []
     replayer = LiveReplay(tmp_path / "ledger.db", tmp_path / "wm.db", "wm", lambda: 50,
                           pause_sinks=lambda: seen.append(replayer.progress), resume_sinks=lambda: None)
 
     def fake_rebuild(ledger_db: Path, wm_file: Path, *, start: int, sink_name: str,
-                     progress: Callable[[int], None]) -> dict[str, int]:
+                     progress: Callable[[int], None], budgets: Budgets | None) -> dict[str, int]:
         seen.append(replayer.progress)
         for count in (20, 20, 25):  # more than the head read before: the total follows
             progress(count)

@@ -29,6 +29,7 @@ from ccos_obsd.wm.store import (
     MAX_QUERY_TAGS,
     MAX_QUERY_WORDS,
     MAX_SEARCH_LIMIT,
+    Budgets,
     WmStore,
     fts_match_expression,
 )
@@ -243,7 +244,7 @@ def test_a_text_search_from_any_since_finds_every_entry_from_then(store: WmStore
     random.Random(5).shuffle(order)  # noqa: S311 -- a fixed arrival order, not a secret
     for at in range(0, 60, 7):
         store.ingest([wm(seq) for seq in order[at:at + 7]])
-    store.enforce_budgets(max_entries=50)  # gaps in the doc numbers
+    store.ingest([], Budgets(max_entries=50))  # gaps in the doc numbers
     for first in range(-1, 62):
         expected = list(range(59, max(first, 10) - 1, -1))
         assert seqs(store.search(text="capabilitycall", since=seconds(first), limit=100)) == expected, first
@@ -451,57 +452,59 @@ def test_the_largest_limit_is_allowed(store: WmStore) -> None:
 def test_the_entry_budget_evicts_the_oldest_entries_first(store: WmStore) -> None:
     # The oldest entries arrive last: eviction goes by time, not by arrival.
     store.ingest([wm(seq) for seq in (5, 6, 7, 8, 9)])
-    store.ingest([wm(seq) for seq in (0, 1, 2, 3, 4)])
-    assert store.enforce_budgets(max_entries=4) == 6
+    assert store.ingest([wm(seq) for seq in (0, 1, 2, 3, 4)], Budgets(max_entries=4)) == 5
     assert store.count() == 4
     assert seqs(store.search()) == [9, 8, 7, 6]
 
 
 def test_the_token_budget_evicts_the_oldest_until_the_total_fits(store: WmStore) -> None:
     entries = [wm(seq, function_name="f" * (4 * seq)) for seq in range(6)]
-    store.ingest(entries)
     tokens = [entry.approx_tokens for entry in entries]
-    assert store.total_tokens() == sum(tokens)
     budget = sum(tokens[3:]) + tokens[2] - 1  # the newest three fit; adding the fourth would not
-    assert store.enforce_budgets(max_tokens=budget) == 3
+    store.ingest(entries, Budgets(max_tokens=budget))
     assert seqs(store.search()) == [5, 4, 3]
     assert store.total_tokens() == sum(tokens[3:])
 
 
-def test_both_budgets_hold_after_enforcing(store: WmStore) -> None:
+def test_both_budgets_hold_after_an_ingest(store: WmStore) -> None:
     store.ingest([wm(seq) for seq in range(10)])
     per_entry = store.total_tokens() // 10
-    assert store.enforce_budgets(max_entries=8, max_tokens=per_entry * 3) == 7
-    assert store.enforce_budgets(max_entries=2, max_tokens=10**9) == 1
+    store.ingest([], Budgets(max_entries=8, max_tokens=per_entry * 3))
+    assert store.count() == 3
+    store.ingest([], Budgets(max_entries=2, max_tokens=10**9))
     assert seqs(store.search()) == [9, 8]
 
 
 def test_budgets_that_hold_evict_nothing(store: WmStore) -> None:
     store.ingest([wm(seq) for seq in range(3)])
     digest = store.digest()
-    assert store.enforce_budgets() == 0
-    assert store.enforce_budgets(max_entries=3, max_tokens=store.total_tokens()) == 0
+    store.ingest([], Budgets())
+    store.ingest([], Budgets(max_entries=3, max_tokens=store.total_tokens()))
     assert (store.count(), store.digest()) == (3, digest)
 
 
 def test_zero_budgets_evict_everything(store: WmStore) -> None:
-    store.ingest([wm(seq) for seq in range(3)])
-    assert store.enforce_budgets(max_tokens=0) == 3
+    assert store.ingest([wm(seq) for seq in range(3)], Budgets(max_tokens=0)) == 3
     assert (store.count(), store.total_tokens(), store.search()) == (0, 0, [])
 
 
 @pytest.mark.parametrize(
     "budgets", [{"max_entries": -1}, {"max_tokens": -5}, {"max_entries": 1.5}, {"max_tokens": True}]
 )
-def test_budgets_must_be_non_negative_integers(store: WmStore, budgets: dict[str, Any]) -> None:
+def test_budgets_must_be_non_negative_integers(budgets: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match="non-negative integer"):
-        store.enforce_budgets(**budgets)
+        Budgets(**budgets)
+
+
+def test_the_settings_budgets_treat_zero_as_no_limit() -> None:
+    assert Budgets.from_settings(0, 0) is None
+    assert Budgets.from_settings(100, 0) == Budgets(max_entries=100)
+    assert Budgets.from_settings(0, 7) == Budgets(max_tokens=7)
 
 
 def test_evicted_entries_leave_no_trace_in_the_text_and_tag_indexes(store: WmStore) -> None:
     store.ingest([wm(0, function_name="gone.away", metadata={"provider": "old"})])
-    store.ingest([wm(seq, function_name="kept.here") for seq in range(1, 4)])
-    store.enforce_budgets(max_entries=3)
+    store.ingest([wm(seq, function_name="kept.here") for seq in range(1, 4)], Budgets(max_entries=3))
     assert store.search(text="gone") == []
     assert store.search(tags=["old"]) == []
     assert seqs(store.search(text="kept", tags=["capabilitycall", "old"])) == [3, 2, 1]
@@ -513,30 +516,75 @@ def test_evicted_entries_leave_no_trace_in_the_text_and_tag_indexes(store: WmSto
     store._conn.execute("INSERT INTO wm_fts (wm_fts, rank) VALUES ('integrity-check', 0)")
 
 
-def test_an_evicted_entry_delivered_again_comes_back(store: WmStore) -> None:
-    store.ingest([wm(seq) for seq in range(3)])
-    store.enforce_budgets(max_entries=2)
+def test_an_evicted_entry_delivered_again_stays_out(store: WmStore) -> None:
+    budgets = Budgets(max_entries=2)
+    store.ingest([wm(seq) for seq in range(3)], budgets)
+    assert store.ingest([wm(0)], budgets) == 0  # a re-delivery after a crash, say
+    assert seqs(store.search()) == [2, 1]
+
+
+def test_an_entry_older_than_an_evicted_one_is_not_added_even_when_it_fits(store: WmStore) -> None:
+    # Entry 1 is big: with it the tokens exceed the budget, and eviction takes it.
+    big, small, newest = wm(1, function_name="f" * 400), wm(0), wm(2)
+    budgets = Budgets(max_tokens=big.approx_tokens + newest.approx_tokens - 1)
+    store.ingest([big, newest], budgets)
+    assert seqs(store.search()) == [2]
+    # Entry 0 would fit beside entry 2, but one batch of all three keeps only entry 2.
+    assert store.ingest([small], budgets) == 0
+    with WmStore(":memory:") as at_once:
+        at_once.ingest([big, newest, small], budgets)
+        assert at_once.digest() == store.digest()
+
+
+def test_without_budgets_the_eviction_mark_is_not_applied(store: WmStore) -> None:
+    store.ingest([wm(seq) for seq in range(3)], Budgets(max_entries=2))
     assert store.ingest([wm(0)]) == 1
     assert seqs(store.search()) == [2, 1, 0]
 
 
-@settings(max_examples=30, deadline=None)
+def test_clear_forgets_the_eviction_mark(store: WmStore) -> None:
+    store.ingest([wm(seq) for seq in range(3)], Budgets(max_entries=1))
+    store.clear()
+    assert store.ingest([wm(0)], Budgets(max_entries=1)) == 1
+    assert seqs(store.search()) == [0]
+
+
+def budgeted_entries(draw: st.DrawFn) -> list[WmEntry]:
+    """Entries stamped out of seq order, of uneven sizes, with re-deliveries and shared timestamps."""
+    found = draw(st.lists(st.integers(0, 60), min_size=1, max_size=25, unique=True))
+    stamps = draw(st.lists(st.integers(0, 20), min_size=len(found), max_size=len(found)))
+    sizes = draw(st.lists(st.integers(0, 40), min_size=len(found), max_size=len(found)))
+    entries = [wm(seq, ts_ms=BASE_MS + stamp * 1000, function_name="f" * size)
+               for seq, stamp, size in zip(sorted(found), stamps, sizes, strict=True)]
+    again = draw(st.lists(st.sampled_from(range(len(entries))), max_size=5))
+    for at, index in enumerate(again):  # each delivered again later on
+        entries.insert(min(len(entries), index + 1 + at * 3), entries[index])
+    return entries
+
+
+@settings(max_examples=150, deadline=None)
 @given(
-    entries=st.lists(st.integers(0, 60), min_size=1, max_size=25, unique=True).map(
-        lambda found: [wm(seq, ts_ms=BASE_MS + seq * 7 % 61 * 1000) for seq in found]),
-    batch=st.integers(1, 6), max_entries=st.integers(0, 20) | st.none(), max_tokens=st.integers(0, 500) | st.none(),
+    entries=st.composite(budgeted_entries)(),
+    batches=st.lists(st.integers(1, 8), min_size=1, max_size=6),
+    max_entries=st.integers(0, 20) | st.none(),
+    max_tokens=st.integers(0, 200) | st.none(),
 )
-def test_budgets_enforced_after_every_batch_keep_what_enforcing_once_keeps(
-    entries: list[WmEntry], batch: int, max_entries: int | None, max_tokens: int | None
+def test_what_budgets_keep_does_not_depend_on_the_batches(
+    entries: list[WmEntry], batches: list[int], max_entries: int | None, max_tokens: int | None
 ) -> None:
+    budgets = Budgets(max_entries, max_tokens)
     with WmStore(":memory:") as incremental, WmStore(":memory:") as at_once:
-        for at in range(0, len(entries), batch):
-            incremental.ingest(entries[at:at + batch])
-            incremental.enforce_budgets(max_entries, max_tokens)
-        at_once.ingest(entries)
-        at_once.enforce_budgets(max_entries, max_tokens)
-        assert incremental.digest() == at_once.digest()
+        at = 0
+        for size in batches * len(entries):
+            if at >= len(entries):
+                break
+            incremental.ingest(entries[at:at + size], budgets)
+            at += size
+        at_once.ingest(entries, budgets)
+        assert incremental.digest() == at_once.digest() == incremental.recompute_digest()
         assert incremental.search(limit=100) == at_once.search(limit=100)
+        assert budgets.max_entries is None or incremental.count() <= budgets.max_entries
+        assert budgets.max_tokens is None or incremental.total_tokens() <= budgets.max_tokens
 
 
 # --- digest
@@ -587,8 +635,7 @@ def test_the_digest_changes_with_the_content(tmp_path: Path) -> None:
 def test_after_eviction_the_digest_is_that_of_the_entries_kept(tmp_path: Path) -> None:
     entries = [wm(seq) for seq in range(6)]
     with WmStore(tmp_path / "a.db") as trimmed, WmStore(tmp_path / "b.db") as kept:
-        trimmed.ingest(entries)
-        trimmed.enforce_budgets(max_entries=2)
+        trimmed.ingest(entries, Budgets(max_entries=2))
         kept.ingest(entries[4:])
         assert trimmed.digest() == kept.digest() == trimmed.recompute_digest()
 
@@ -625,7 +672,7 @@ def test_a_read_only_store_cannot_write(tmp_path: Path) -> None:
     with WmStore(path) as writer:
         writer.ingest([wm(0)])
     with WmStore.open_readonly(path) as reader:
-        for write in (lambda: reader.ingest([wm(1)]), lambda: reader.enforce_budgets(max_entries=0), reader.clear):
+        for write in (lambda: reader.ingest([wm(1)]), lambda: reader.ingest([], Budgets(0)), reader.clear):
             with pytest.raises(WmReadOnlyError):
                 write()
         with pytest.raises(sqlite3.OperationalError, match=r"readonly|read-only"):
