@@ -1,7 +1,7 @@
 """Run every benchmark, print a Markdown table, write bench/results/latest.json and PNG plots.
 
-``python -m bench`` (about 13 minutes on 2 cores) or ``python -m bench --quick``
-(about 4 minutes). See docs/performance.md for what each figure measures. The plots
+``python -m bench`` (about 17 minutes on 2 cores) or ``python -m bench --quick``
+(about 5.5 minutes). See docs/performance.md for what each figure measures. The plots
 (``latest-*.png`` beside the results file) need matplotlib (``pip install -e
 '.[bench]'``; ``make bench`` installs it); without it they are skipped.
 """
@@ -22,7 +22,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench import ingest, integrity, latency, memory, render, startup, wm_lag
+from bench import cost, ingest, integrity, latency, memory, render, startup, wm_lag
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LEVELS = ("warning", "info")
@@ -30,17 +30,21 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
     "full": {"ingest": {"count": 20_000, "warmup": 2_000, "repeats": 3},
              "ingest_matrix": {"count": 20_000, "warmup": 2_000, "repeats": 3},
              "latency": {"seconds": 15.0, "floor_samples": 1_000},
+             "cost": {"points": [(100.0, 1, 20.0), (1000.0, 1, 15.0), (5000.0, 1, 10.0), (2000.0, 8, 15.0)],
+                      "idle_seconds": 60.0},
              "memory": {"small": 10_000, "large": 200_000},
              "startup": {"sizes": [10_000, 1_000_000]},
              "wm": {"count": 100_000}},
     "quick": {"ingest": {"count": 10_000, "warmup": 1_000, "repeats": 1},
               "ingest_matrix": {"count": 10_000, "warmup": 1_000, "repeats": 1},
               "latency": {"seconds": 4.0, "floor_samples": 300},
+              "cost": {"points": [(100.0, 1, 6.0), (1000.0, 1, 5.0), (5000.0, 1, 4.0), (2000.0, 8, 5.0)],
+                       "idle_seconds": 15.0},
               "memory": {"small": 10_000, "large": 50_000},
               "startup": {"sizes": [10_000, 100_000]},
               "wm": {"count": 20_000}},
 }
-BENCHMARKS = ("ingest", "ingest_matrix", "latency", "memory", "integrity", "render", "startup", "wm")
+BENCHMARKS = ("ingest", "ingest_matrix", "latency", "cost", "memory", "integrity", "render", "startup", "wm")
 
 
 def machine() -> dict[str, Any]:
@@ -81,6 +85,10 @@ def _rate(run: dict[str, Any]) -> str:
     return _n(run["rate"]) + spread
 
 
+def _met(ok: bool) -> str:
+    return "met" if ok else "missed"
+
+
 def table(results: dict[str, Any]) -> str:
     rows = ["| figure | log level | daemon | floor | ratio | target | met |", "|---|---|---|---|---|---|---|"]
     names = {"singles": "ingest: pipelined single appends (actions/s)",
@@ -89,7 +97,7 @@ def table(results: dict[str, Any]) -> str:
         floor = figure["floor"]
         for level, run in figure["daemon"].items():
             rows.append(f"| {names[kind]} | {level} | {_rate(run)} | {_rate(floor)} | "
-                        f"{run['ratio']:.2f} | >= {_n(figure['target'])} | {'yes' if run['meets_target'] else 'NO'} |")
+                        f"{run['ratio']:.2f} | >= {_n(figure['target'])} | {_met(run['meets_target'])} |")
     matrix = results.get("ingest_matrix")
     if matrix:
         kinds = {"singles": "single appends", "batch500": "batches of 500"}
@@ -98,8 +106,8 @@ def table(results: dict[str, Any]) -> str:
             rows.append(
                 f"| ingest matrix: {cell['signing_mode']} signing, {kinds[cell['kind']]}, "
                 f"{cell['connections']} connection{plural} (actions/s) | {matrix['log_level']} | {_rate(cell)} | "
-                f"{_n(cell['floor_rate'])} | {cell['ratio']:.2f} | ratio >= {matrix['target_ratio']:g} | "
-                f"{'yes' if cell['meets_target'] else 'NO'} |")
+                f"{_n(cell['floor_rate'])} | {cell['ratio']:.2f} | "
+                f"ratio >= {cell.get('target_ratio', matrix.get('target_ratio')):g} | {_met(cell['meets_target'])} |")
     lat = results.get("latency")
     if lat:
         floor_ms = lat["floor"]["ms"]
@@ -109,15 +117,15 @@ def table(results: dict[str, Any]) -> str:
             rows.append(
                 f"| ack latency at {_n(run['offered_rate'])}/s offered, p50 / p99 / p99.9 (ms) | {level} | "
                 f"{ms['p50']:.2f} / {ms['p99']:.2f} / {ms['p99.9']:.2f} | {floor_text} | "
-                f"{run['p99_ratio_to_floor']:.1f} (p99) | p99 < {lat['target_p99_ms']:g} | "
-                f"{'yes' if run['meets_target'] else 'NO'} |")
+                f"{run['p99_ratio_to_floor']:.1f} (p99) | p99 <= {lat['target_p99_ms']:g} | "
+                f"{_met(run['meets_target'])} |")
         sweep = lat.get("sweep")
         for point in sweep["points"] if sweep else ():
             ms = point["from_send_ms"]
             if point["half_max"]:
                 what = f"half the max ({_n(sweep['max_rate'])}/s)"
                 target = f"p99 <= {sweep['target_p99_ms_at_half_max']:g}"
-                met = "yes" if sweep["meets_target"] else "NO"
+                met = _met(sweep["meets_target"])
             else:
                 what, target, met = "fixed rate", "", ""
             rows.append(
@@ -125,6 +133,8 @@ def table(results: dict[str, Any]) -> str:
                 f"{_n(point['achieved_rate'])}/s, p50 / p99 / p99.9 (ms) | {sweep['log_level']} | "
                 f"{ms['p50']:.2f} / {ms['p99']:.2f} / {ms['p99.9']:.2f} | {floor_text} | "
                 f"{ms['p99'] / floor_ms['p99']:.1f} (p99) | {target} | {met} |")
+    if "cost" in results:
+        rows += cost.table_rows(results["cost"])
     mem = results.get("memory")
     if mem:
         small, large = f"{mem['small'] // 1000}k", f"{mem['large'] // 1000}k"
@@ -142,12 +152,12 @@ def table(results: dict[str, Any]) -> str:
             rows.append(
                 f"| RSS (MiB), running: after {small} / after {large} entries | {level} | "
                 f"{mib('after_small')} / {mib('after_large')} | (none: ratio of the two) | {running:.2f} | "
-                f"~1.0 | {'yes' if running < 1.1 else 'NO'} |")
+                f"~1.0 | {_met(running < 1.1)} |")
             rows.append(
                 f"| RSS (MiB), just restarted on {small} / on {large} entries [peak during start-up] | {level} | "
                 f"{mib('restart_on_small')} [{hwm('restart_on_small')}] / "
                 f"{mib('restart_on_large')} [{hwm('restart_on_large')}] | (none: ratio of the two) | {started:.2f} | "
-                f"~1.0 | {'yes' if started < 1.1 else 'NO'} |")
+                f"~1.0 | {_met(started < 1.1)} |")
             rows.append(
                 f"| restart: seconds to ready on {small} / on {large} | {level} | "
                 f"{run['ready_seconds_small']:.2f} / {run['ready_seconds_large']:.2f} | | | | |")
@@ -187,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{results['runtime_seconds']:.0f} s; load average {info['loadavg_start'][0]:.2f} -> "
           f"{info['loadavg_end'][0]:.2f}")
     print(results["table_markdown"])
+    if "cost" in results:
+        print()
+        print(cost.table(results["cost"]))
     if "integrity" in results:
         print()
         print(integrity.table(results["integrity"]))
@@ -235,7 +248,9 @@ def run_one(name: str, results: dict[str, Any], size: dict[str, Any], *, quick: 
         results[name]["sweep"] = latency.sweep(seconds=size["seconds"], max_rate=max_rate, max_rate_source=source,
                                                reuse=results[name]["daemon"].get(latency.SWEEP_LEVEL))
         return
-    if name == "integrity":
+    if name == "cost":
+        results[name] = cost.run(**size)
+    elif name == "integrity":
         results[name] = integrity.run(quick=quick)
     elif name == "render":
         results[name] = render.run(quick=quick)

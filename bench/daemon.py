@@ -57,7 +57,7 @@ class BenchDaemon:
         return self.proc.pid
 
     def start(self) -> BenchDaemon:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # the daemon runs only on a private one
         self.http = f"127.0.0.1:{free_port()}"
         # Embedded defaults only: no config file or CCOS_OBSD_* overrides from the caller's environment.
         env = {k: v for k, v in os.environ.items() if not k.startswith("CCOS_OBSD_")}

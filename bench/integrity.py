@@ -37,7 +37,6 @@ from ccos_obsd.ledger.entry import ValidatedAction, new_action_id
 from ccos_obsd.ledger.keys import SigningKey
 from ccos_obsd.ledger.verify import CheckpointRecord, KeyRange, KeyRing, verify_entries
 from ccos_obsd.ledger.writer import LedgerWriter
-from ccos_obsd.protocol import snapshot
 
 SIZES = {"full": {"large": 1_000_000, "entry": 100_000}, "quick": {"large": 100_000, "entry": 20_000}}
 
@@ -78,11 +77,11 @@ def proof_times(db: Path, size: int, samples: int = 200) -> dict[str, Any]:
         for _ in range(samples):
             seq = rng.randrange(size)
             started = time.perf_counter()
-            snapshot(conn, proofs.inclusion, seq=seq)
+            store.snapshot(conn, proofs.inclusion, seq=seq)
             inclusion.append(time.perf_counter() - started)
             old = rng.randrange(1, size)
             started = time.perf_counter()
-            snapshot(conn, proofs.consistency, old, size)
+            store.snapshot(conn, proofs.consistency, old, size)
             consistency.append(time.perf_counter() - started)
     finally:
         conn.close()

@@ -32,7 +32,8 @@ from bench.wire import check_answers, open_loop
 from bench.workload import make_actions, single_lines
 
 RATE = 2000.0
-TARGET_P99_MS = 20.0
+TARGET_P99_MS = 5.0
+"""Issue 14 (issue 6 asked for under 20 ms)."""
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)
 SWEEP_RATES = (500.0, 1000.0, 2000.0)
 SWEEP_LEVEL = "warning"
@@ -108,7 +109,7 @@ def run(*, seconds: float, floor_samples: int, levels: tuple[str, ...]) -> dict[
         daemon = measure_daemon(seconds, level)
         p99 = daemon["from_send_ms"]["p99"]
         daemon["p99_ratio_to_floor"] = p99 / floor["ms"]["p99"]
-        daemon["meets_target"] = p99 < TARGET_P99_MS
+        daemon["meets_target"] = p99 <= TARGET_P99_MS
         results["daemon"][level] = daemon
     return results
 

@@ -12,6 +12,10 @@
   (``bench.render``'s against-size points) and a full HTTP scrape of a daemon started
   on a ledger of that size (``bench.startup``); dotted, the target: 1.2 x the time at
   the smallest size.
+- ``<stem>-cost.png``: CPU per action at each paced rate of ``bench.cost``, stacked by
+  process (user solid, system hatched), beside the paced floor's, with the target
+  (a multiple of the floor) as a red tick; right, the RSS of each process at the end
+  of each rate and when idle.
 
 matplotlib (the ``bench`` extra: ``pip install -e '.[bench]'``, which ``make bench``
 does) draws with the Agg backend: no display needed.
@@ -35,6 +39,8 @@ from matplotlib.figure import Figure
 MODE_COLOURS = {"entry": "tab:blue", "checkpoint": "tab:orange"}
 KIND_TITLES = {"singles": "pipelined single appends", "batch500": "batches of 500"}
 DPI = 110
+COST_PARTS = (("daemon", "daemon", "tab:blue"), ("sink_host", "sink host (Working Memory)", "tab:orange"),
+              ("renderer", "renderer", "tab:green"), ("other", "other", "tab:grey"))
 SIZE_TARGET_RATIO = 1.2
 """Render and scrape time at the largest ledger against the smallest (bench.render, bench.startup)."""
 
@@ -65,8 +71,9 @@ def throughput(matrix: dict[str, Any], path: Path) -> Path:
                         label=f"daemon, {mode} signing")
             floor = next(f["rate"] for f in matrix["floors"] if f["kind"] == kind and f["signing_mode"] == mode)
             ax.axhline(floor, linestyle="--", color=colour, alpha=0.7, label=f"floor, {mode} signing")
-            ax.axhline(matrix["target_ratio"] * floor, linestyle=":", color=colour, alpha=0.7,
-                       label=f"target ({matrix['target_ratio']:g} x floor), {mode}")
+            target = cells[0].get("target_ratio", matrix.get("target_ratio"))  # older runs: one for all
+            ax.axhline(target * floor, linestyle=":", color=colour, alpha=0.7,
+                       label=f"target ({target:g} x floor), {mode}")
         ax.set_xscale("log", base=2)
         ax.set_xticks(connections, [str(n) for n in connections])
         ax.set_xlabel("connections")
@@ -145,6 +152,68 @@ def render_size(render: dict[str, Any] | None, startup: dict[str, Any] | None, p
     return _save(figure, path)
 
 
+def _cost_label(point: dict[str, Any], *, achieved: bool = True) -> str:
+    conns = point["connections"]
+    label = f"{point['offered_rate']:,.0f}/s\n" + ("1 conn" if conns == 1 else f"{conns} conns")
+    return label + f"\n(achieved {point['achieved_rate']:,.0f}/s)" if achieved else label
+
+
+def cost(cost_results: dict[str, Any], path: Path) -> Path:
+    points = cost_results["points"]
+    idle = cost_results["idle"]
+    figure, (ax_cpu, ax_rss) = plt.subplots(1, 2, figsize=(13, 5.2), gridspec_kw={"width_ratios": (3, 2)})
+    width = 0.38
+    target_labelled = False
+    tallest = max(max(p["total_us"], p["floor"]["total_us"] * (p.get("target_ratio_to_floor") or 1)) for p in points)
+    for x, point in enumerate(points):
+        bottom = 0.0
+        for role, label, colour in COST_PARTS:
+            part = point["processes"].get(role)
+            if part is None:
+                continue
+            ax_cpu.bar(x - width / 2, part["user_us"], width, bottom=bottom, color=colour,
+                       label=f"{label}, user" if x == 0 else None)
+            ax_cpu.bar(x - width / 2, part["sys_us"], width, bottom=bottom + part["user_us"], color=colour,
+                       alpha=0.45, hatch="//", label=f"{label}, system" if x == 0 else None)
+            bottom += part["total_us"]
+        floor = point["floor"]
+        ax_cpu.bar(x + width / 2, floor["user_us"], width, color="dimgrey",
+                   label="paced floor, user" if x == 0 else None)
+        ax_cpu.bar(x + width / 2, floor["sys_us"], width, bottom=floor["user_us"], color="silver", hatch="//",
+                   label="paced floor, system" if x == 0 else None)
+        ax_cpu.annotate(f"{point['ratio_to_floor']:.1f}x floor", (x - width / 2, bottom), ha="center",
+                        va="bottom", fontsize="small")
+        target = point.get("target_ratio_to_floor")
+        if target:
+            ax_cpu.hlines(target * floor["total_us"], x - width, x, colors="red", linestyles=":",
+                          label=None if target_labelled else "target (a multiple of the floor)")
+            target_labelled = True
+    labels = [_cost_label(point) for point in points]
+    ax_cpu.set_xticks(range(len(points)), labels, fontsize="small")
+    ax_cpu.set_ylim(0, 1.45 * tallest)  # room for the legend
+    ax_cpu.set_ylabel("CPU per action (µs, user + system)")
+    ax_cpu.set_title("CPU per action, single appends one at a time, every process")
+    ax_cpu.grid(True, axis="y", alpha=0.3)
+    ax_cpu.legend(fontsize="x-small", ncol=2)
+    rss_points = [point["rss_kib"] for point in points] + [idle["rss_kib"]]
+    bottoms = [0.0] * len(rss_points)
+    for role, label, colour in COST_PARTS:
+        values = [rss.get(role, 0) / 1024 for rss in rss_points]
+        if any(values):
+            ax_rss.bar(range(len(values)), values, 0.6, bottom=bottoms, color=colour, label=label)
+            bottoms = [b + v for b, v in zip(bottoms, values, strict=True)]
+    ax_rss.set_xticks(range(len(rss_points)), [*(_cost_label(p, achieved=False) for p in points), "idle"],
+                      fontsize="small")
+    ax_rss.set_ylabel("RSS (MiB)")
+    ax_rss.set_title(f"RSS at the end of each rate; idle: {idle['total_percent_of_core']:.2f} % of a core")
+    ax_rss.grid(True, axis="y", alpha=0.3)
+    ax_rss.set_ylim(0, 1.3 * max(bottoms))
+    ax_rss.legend(fontsize="x-small")
+    figure.suptitle(f"ccos-obsd cost: the daemon on its defaults (Working Memory on, log level "
+                    f"{cost_results['log_level']}) against the bare durable loop at the same pacing")
+    return _save(figure, path)
+
+
 def write(results: dict[str, Any], directory: Path, stem: str) -> list[Path]:
     """Every plot the results hold the data for, as ``directory/<stem>-<plot>.png``."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -153,6 +222,8 @@ def write(results: dict[str, Any], directory: Path, stem: str) -> list[Path]:
         written.append(throughput(results["ingest_matrix"], directory / f"{stem}-throughput.png"))
     if "sweep" in results.get("latency", {}):
         written.append(latency_cdf(results["latency"], directory / f"{stem}-latency-cdf.png"))
+    if "cost" in results:
+        written.append(cost(results["cost"], directory / f"{stem}-cost.png"))
     if "render" in results or "startup" in results:
         written.append(render_size(results.get("render"), results.get("startup"),
                                    directory / f"{stem}-render-size.png"))

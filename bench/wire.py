@@ -7,7 +7,9 @@ parsed and checked after it stops. ``pipeline_many`` does the same over several
 connections from the same one thread and selector (no thread per connection:
 on 2 shared cores, threads would cost the daemon more CPU and add GIL hand-offs).
 ``open_loop`` sends lines at a fixed rate regardless of answers and stamps each
-answer's arrival.
+answer's arrival. ``paced`` sends them one at a time per connection, each after
+the previous answer and not before it is due: an agent waiting for each
+acknowledgement.
 """
 
 from __future__ import annotations
@@ -207,6 +209,96 @@ def open_loop(socket_path: Path, lines: list[bytes], *, rate: float) -> OpenLoop
         raise TimeoutError(f"only {len(received)} of {total} answers arrived")
     answers = [json.loads(line) for line in b"".join(chunks).splitlines()]
     return OpenLoopRun(rate, scheduled, sent, received, answers)
+
+
+@dataclass
+class PacedRun:
+    rate: float
+    connections: int
+    seconds: float
+    """From the first line's due time to the last answer."""
+    latencies: list[float] = field(repr=False)
+    """Seconds from each request's send to its answer."""
+    answers: list[dict[str, Any]] = field(repr=False)
+
+    @property
+    def achieved_rate(self) -> float:
+        return len(self.answers) / self.seconds
+
+
+class _PacedConnection:
+    """One socket of ``paced``: the global index of its next line, and the request in flight."""
+
+    def __init__(self, socket_path: Path, first: int) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(str(socket_path))
+        self.next = first
+        self.sent_at = 0.0
+        self.in_flight = False
+        self.chunks: list[bytes] = []
+
+
+def paced(
+    socket_path: Path, lines: list[bytes], *, rate: float, connections: int = 1, seconds: float | None = None,
+) -> PacedRun:
+    """Line i is due at ``start + i / rate`` and goes on connection i mod ``connections``; a connection
+    sends its next line once the previous one is answered and the line is due (never earlier), so the
+    rate is exact while the daemon keeps up and otherwise as high as one-at-a-time allows. No line is
+    sent after ``start + seconds``; returns when every sent line is answered.
+
+    One thread and selector for every connection; while none has a request in flight, the thread
+    sleeps until the next line is due (finer than a selector's millisecond timeout).
+    """
+    total = len(lines)
+    conns = [_PacedConnection(socket_path, k) for k in range(min(connections, total))]
+    selector = selectors.DefaultSelector()
+    for conn in conns:
+        selector.register(conn.sock, selectors.EVENT_READ, conn)
+    latencies: list[float] = []
+    perf_counter, sleep = time.perf_counter, time.sleep
+    start = perf_counter() + 0.01
+    stop_at = start + seconds if seconds is not None else float("inf")
+    last_answer = start
+    try:
+        while True:
+            now = perf_counter()
+            next_due = float("inf")
+            for conn in conns:
+                if conn.in_flight or conn.next >= total:
+                    continue
+                due = start + conn.next / rate
+                if due > stop_at or now > stop_at:
+                    conn.next = total  # the run is over: a line still unsent when it ends is left out
+                elif due <= now:
+                    conn.sent_at = perf_counter()
+                    conn.sock.sendall(lines[conn.next])
+                    conn.in_flight = True
+                else:
+                    next_due = min(next_due, due)
+            waiting = sum(conn.in_flight for conn in conns)
+            if not waiting:
+                if next_due == float("inf"):
+                    break
+                sleep(max(0.0, next_due - perf_counter()))
+                continue
+            timeout = None if next_due == float("inf") else max(0.0, next_due - perf_counter())
+            for key, _ in selector.select(timeout):
+                conn = key.data
+                chunk = conn.sock.recv(_RECV)
+                if not chunk:
+                    raise ConnectionError(f"daemon closed a connection after {len(latencies)} answers")
+                conn.chunks.append(chunk)
+                if b"\n" in chunk:
+                    last_answer = perf_counter()
+                    latencies.append(last_answer - conn.sent_at)
+                    conn.in_flight = False
+                    conn.next += len(conns)
+    finally:
+        selector.close()
+        for conn in conns:
+            conn.sock.close()
+    answers = [json.loads(line) for conn in conns for line in b"".join(conn.chunks).splitlines()]
+    return PacedRun(rate, len(conns), last_answer - start, latencies, answers)
 
 
 def check_answers(answers: list[dict[str, Any]], expected_actions: int) -> int:

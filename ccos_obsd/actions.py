@@ -58,6 +58,8 @@ _ID_FIELDS = (
     "function_name",
 )
 _RESULT_FIELDS = frozenset({"success", "value", "metadata"})
+STRING_FIELDS = frozenset((*_ID_FIELDS, "error"))
+"""The action fields whose value may be any (non-empty) string."""
 
 
 def _id_string(name: str, value: Any) -> str:

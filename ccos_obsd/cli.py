@@ -88,10 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_run(commands: Commands) -> None:
     run = commands.add_parser("run", help="run the daemon in the foreground",
-                              description="Run the daemon in the foreground until SIGTERM or SIGINT.")
+                              description="Run the daemon in the foreground until SIGTERM or SIGINT. It "
+                              "runs only on a private state dir: exit 3, naming the path, if group or others can "
+                              "read or write it, or access its databases or key files.")
     _config_args(run)
     run.add_argument("--socket", metavar="PATH", help="Unix socket to listen on (socket.path)")
-    run.add_argument("--http", metavar="HOST:PORT", help="address for /metrics (http.listen)")
+    run.add_argument("--http", metavar="HOST:PORT", help="address for /metrics and the read API (http.listen)")
+    run.add_argument("--web-config", metavar="FILE",
+                     help="Prometheus exporter-toolkit web configuration file: TLS, client certificates, "
+                     "basic_auth_users (http.web_config). Without one, the routes that return ledger content "
+                     "answer 401; /metrics, /healthz, /v1/checkpoint and /v1/proof/consistency stay open")
     run.add_argument("--log-level", metavar="LEVEL", help="log.level: debug, info, warning, error")
     run.add_argument("--start-despite-damage", action="store_true",
                      help="start even if the start-up self-check finds the ledger's tail or latest checkpoint "
@@ -208,10 +214,11 @@ def _add_replay(commands: Commands) -> None:
 def _add_backup(commands: Commands) -> None:
     backup = commands.add_parser("backup", help="a consistent copy of the state dir, also while the daemon runs",
                                  description="Copy the ledger and Working Memory (SQLite's online backup: one "
-                                 "consistent snapshot each, also while the daemon writes) and the signing key "
-                                 "(mode 0600) into DEST, which must not exist or be an empty directory. Reads the "
-                                 "state dir; with --socket the running daemon writes the copy instead (for users "
-                                 "who cannot read the state dir; needs backup.allow_socket). Prints a JSON summary.")
+                                 "consistent snapshot each, also while the daemon writes) and the keys (signing.key, "
+                                 "redact.key; mode 0600) into DEST, which must not exist or be an empty directory. "
+                                 "Reads the state dir; with --socket the running daemon writes the copy instead "
+                                 "(for users who cannot read the state dir; needs backup.allow_socket). Prints a "
+                                 "JSON summary.")
     _config_args(backup)
     _socket_arg(backup)
     backup.add_argument("dest", type=Path, metavar="DEST", help="the directory to create (or an empty one)")
@@ -310,9 +317,11 @@ def _load(args: argparse.Namespace, **flags: Any) -> Config:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from ccos_obsd.daemon import Daemon
+    from ccos_obsd.webconfig import read_web_config
 
-    flags = {"socket.path": args.socket, "http.listen": args.http, "log.level": args.log_level}
-    config = _load(args, **flags)
+    flags = {"socket.path": args.socket, "http.listen": args.http, "http.web_config": args.web_config,
+             "log.level": args.log_level}
+    config = read_web_config(_load(args, **flags))  # a bad web config: exit 2 before anything starts
     # Everything the daemon creates (ledger, key, lock) is private to its user;
     # the socket's mode is set explicitly after bind.
     os.umask(0o077)
@@ -324,7 +333,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     prepare_paths(config, socket_dir=sockets.ingest is None)
     # A reload (SIGHUP) reads the configuration again the same way: same file, environment, flags.
     daemon = Daemon(config, start_despite_damage=args.start_despite_damage,
-                    sockets=sockets, load_config=lambda: _load(args, **flags))
+                    sockets=sockets, load_config=lambda: read_web_config(_load(args, **flags)))
     asyncio.run(daemon.run())
     return EXIT_OK
 

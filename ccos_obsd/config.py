@@ -14,11 +14,15 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+from ccos_obsd.actions import ACTION_FIELDS, STRING_FIELDS
 from ccos_obsd.errors import ConfigError
 from ccos_obsd.log import LEVELS
 from ccos_obsd.metrics.aggregates import DEFAULT_DURATION_BUCKETS
+
+if TYPE_CHECKING:
+    from ccos_obsd.webconfig import WebConfig  # which reads a Config: imported for the type only
 
 ENV_PREFIX = "CCOS_OBSD_"
 ENV_CONFIG_FILE = "CCOS_OBSD_CONFIG"
@@ -39,7 +43,13 @@ class SocketConfig:
     max_depth: int
     allowed_uids: tuple[int, ...] = ()
     allowed_gids: tuple[int, ...] = ()
-    """Peers allowed to use the socket (both empty: anyone who can open it)."""
+    """The write role: peers allowed to append (both empty: anyone who can open the socket)."""
+    read_uids: tuple[int, ...] = ()
+    read_gids: tuple[int, ...] = ()
+    """The read role (both empty: root and the daemon's own user only)."""
+    admin_uids: tuple[int, ...] = ()
+    admin_gids: tuple[int, ...] = ()
+    """The admin role (both empty: root and the daemon's own user only)."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +57,11 @@ class HttpConfig:
     enabled: bool
     host: str
     port: int
+    web_config: Path | None = None
+    """``http.web_config``: the exporter-toolkit web configuration file (TLS, basic auth), or None."""
+    web: WebConfig | None = None
+    """That file's content, read by the daemon only (``webconfig.read_web_config``, at start and
+    on every reload); None in the commands that talk to the socket, which never need it."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +117,19 @@ class BackupConfig:
 
 
 @dataclass(frozen=True)
+class RedactRule:
+    """One ``[[redact]]`` table: what it replaces (field paths, or a pattern) and how (see ``ccos_obsd.redact``)."""
+
+    name: str
+    paths: tuple[tuple[str, ...], ...] = ()
+    """Field paths, split at the dots; ``*`` matches any one key or list index."""
+    pattern: re.Pattern[str] | None = None
+    """Searched in every string value; only the matched span is replaced."""
+    hash: bool = False
+    """Replace by ``[redacted:NAME:hmac-sha256:HEX]`` (keyed by ``redact.key``) instead of ``[redacted:NAME]``."""
+
+
+@dataclass(frozen=True)
 class SinkConfig:
     """One ``[[sinks]]`` table: its type, its name, and the type's options."""
 
@@ -127,6 +155,7 @@ class Config:
     wm: WmConfig
     sinks: tuple[SinkConfig, ...]
     backup: BackupConfig = BackupConfig(allow_socket=False)
+    redact: tuple[RedactRule, ...] = ()
 
     @property
     def wm_sink(self) -> SinkConfig | None:
@@ -292,8 +321,13 @@ KEYS: dict[str, tuple[Any, Callable[[Any], Any]]] = {
     "socket.max_depth": (64, _int_range(2, 10_000)),
     "socket.allowed_uids": ([], _ids),
     "socket.allowed_gids": ([], _ids),
+    "socket.read_uids": ([], _ids),
+    "socket.read_gids": ([], _ids),
+    "socket.admin_uids": ([], _ids),
+    "socket.admin_gids": ([], _ids),
     "http.enabled": (True, _bool),
     "http.listen": ("127.0.0.1:9898", _listen),
+    "http.web_config": ("", _path),
     "ledger.max_group": (4096, _int_range(1, 1_000_000)),
     "ledger.max_pending": (200_000, _int_range(1, 100_000_000)),
     "ledger.verify_tail": (1000, _int_range(0, 2**62)),
@@ -343,9 +377,11 @@ def load_config(
     values: dict[str, Any] = {key: default for key, (default, _) in KEYS.items()}
     raw: dict[str, Any] = {}
     raw_sinks: list[Any] = []
+    raw_redact: Any = []
     if file is not None:
         document = _read_toml(file)
         raw_sinks = document.pop("sinks", [])
+        raw_redact = document.pop("redact", [])
         raw.update(document)
     raw.update(_from_environ(environ))
     raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
@@ -359,7 +395,7 @@ def load_config(
             parsed[key] = KEYS[key][1](value)
         except ValueError as exc:
             raise ConfigError(key, f"{exc} (got {value!r})") from None
-    return _build(parsed, raw_sinks)
+    return _build(parsed, raw_sinks, raw_redact)
 
 
 def _read_toml(file: Path) -> dict[str, Any]:
@@ -374,7 +410,7 @@ def _read_toml(file: Path) -> dict[str, Any]:
         raise ConfigError("--config", f"{file} is not valid TOML: {exc}") from None
     flat: dict[str, Any] = {}
     for key, value in document.items():
-        if key == "sinks":
+        if key in ("sinks", "redact"):  # arrays of tables, validated on their own
             flat[key] = value
         elif isinstance(value, dict):
             for sub, subvalue in value.items():
@@ -438,7 +474,80 @@ def _sinks(raw: Any, state_dir: Path, wm_enabled: bool) -> tuple[SinkConfig, ...
     return tuple(sinks)
 
 
-def _build(v: dict[str, Any], raw_sinks: Any = ()) -> Config:
+_RULE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_RULE_OPTIONS = frozenset({"name", "paths", "pattern", "hash"})
+_WHOLE_FIELDS = STRING_FIELDS - {"action_id"}
+"""Top-level fields a path rule may replace whole: a placeholder string is still a valid value there
+(not action_id: one placeholder for many ids would make distinct actions collide)."""
+
+
+def _redact_rules(raw: Any) -> tuple[RedactRule, ...]:
+    """The ``[[redact]]`` tables, checked; a bad one raises ``ConfigError`` naming ``redact[N].option``."""
+    if not isinstance(raw, list):
+        raise ConfigError("redact", "must be an array of tables ([[redact]])")
+    rules: list[RedactRule] = []
+    for i, table in enumerate(raw):
+        where = f"redact[{i}]"
+        if not isinstance(table, dict):
+            raise ConfigError(where, "must be a table")
+        for option in table:
+            if option not in _RULE_OPTIONS:
+                raise ConfigError(f"{where}.{option}", f"unknown option (known: {', '.join(sorted(_RULE_OPTIONS))})")
+        name = table.get("name")
+        if not isinstance(name, str) or not _RULE_NAME.fullmatch(name):
+            raise ConfigError(f"{where}.name", "must be 1-64 letters, digits, '_', '.' or '-'")
+        if any(rule.name == name for rule in rules):
+            raise ConfigError(f"{where}.name", f"another rule is named {name!r}")
+        if ("paths" in table) == ("pattern" in table):
+            raise ConfigError(where, f"rule {name!r} needs either paths or pattern (not both)")
+        hashed = table.get("hash", False)
+        if not isinstance(hashed, bool):
+            raise ConfigError(f"{where}.hash", f"rule {name!r}: must be true or false")
+        if "pattern" in table:
+            try:
+                pattern = _redact_pattern(table["pattern"])
+            except ValueError as exc:
+                raise ConfigError(f"{where}.pattern", f"rule {name!r}: {exc}") from None
+            rules.append(RedactRule(name=name, pattern=pattern, hash=hashed))
+            continue
+        try:
+            paths = _redact_paths(table["paths"])
+        except ValueError as exc:
+            raise ConfigError(f"{where}.paths", f"rule {name!r}: {exc}") from None
+        rules.append(RedactRule(name=name, paths=paths, hash=hashed))
+    return tuple(rules)
+
+
+def _redact_pattern(value: Any) -> re.Pattern[str]:
+    try:
+        pattern = re.compile(_str(value))
+    except re.error as exc:
+        raise ValueError(f"the pattern does not compile: {exc}") from None
+    if pattern.search("") is not None:
+        raise ValueError("the pattern matches the empty string (it would redact between every character)")
+    return pattern
+
+
+def _redact_paths(value: Any) -> tuple[tuple[str, ...], ...]:
+    if not isinstance(value, list) or not value:
+        raise ValueError('must be a non-empty list of field paths, e.g. ["metadata.api_key", "arguments.*"]')
+    paths = []
+    for item in value:
+        segments = tuple(_str(item).split("."))
+        if "" in segments:
+            raise ValueError(f"{item!r} has an empty segment")
+        if "**" in segments:
+            raise ValueError(f"{item!r}: there is no '**' (a pattern rule finds a value anywhere)")
+        if segments[0] != "*" and segments[0] not in ACTION_FIELDS:
+            raise ValueError(f"{item!r} does not start with an action field or '*'")
+        if len(segments) == 1 and segments[0] not in _WHOLE_FIELDS:
+            raise ValueError(f"{item!r} would replace a whole {segments[0]!r} field by a string, which makes "
+                             "the action invalid: name a path inside it, e.g. metadata.api_key")
+        paths.append(segments)
+    return tuple(paths)
+
+
+def _build(v: dict[str, Any], raw_sinks: Any = (), raw_redact: Any = ()) -> Config:
     state_dir = Path(v["state_dir"]).expanduser()
     socket_path = Path(v["socket.path"]).expanduser() if v["socket.path"] else state_dir / SOCKET_FILE
     if len(os.fsencode(socket_path)) > _MAX_UNIX_PATH:
@@ -457,8 +566,13 @@ def _build(v: dict[str, Any], raw_sinks: Any = ()) -> Config:
             max_depth=v["socket.max_depth"],
             allowed_uids=v["socket.allowed_uids"],
             allowed_gids=v["socket.allowed_gids"],
+            read_uids=v["socket.read_uids"],
+            read_gids=v["socket.read_gids"],
+            admin_uids=v["socket.admin_uids"],
+            admin_gids=v["socket.admin_gids"],
         ),
-        http=HttpConfig(enabled=v["http.enabled"], host=host, port=port),
+        http=HttpConfig(enabled=v["http.enabled"], host=host, port=port,
+                        web_config=Path(v["http.web_config"]).expanduser() if v["http.web_config"] else None),
         ledger=LedgerConfig(max_group=v["ledger.max_group"], max_pending=v["ledger.max_pending"],
                             verify_tail=v["ledger.verify_tail"]),
         signing=SigningConfig(key_name=v["signing.key_name"], mode=v["signing.mode"]),
@@ -475,6 +589,7 @@ def _build(v: dict[str, Any], raw_sinks: Any = ()) -> Config:
         wm=WmConfig(enabled=v["wm.enabled"], max_entries=v["wm.max_entries"], max_tokens=v["wm.max_tokens"]),
         sinks=_sinks(list(raw_sinks), state_dir, v["wm.enabled"]),
         backup=BackupConfig(allow_socket=v["backup.allow_socket"]),
+        redact=_redact_rules(raw_redact),
     )
 
 

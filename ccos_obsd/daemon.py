@@ -1,11 +1,13 @@
 """The daemon's lifecycle: start up, serve, shut down (in the manner of uvicorn's ``Server``).
 
-``startup`` locks the state dir, loads (or creates) the signing key, checks the
+``run`` checks that the state dir is private (``statedir.check_private``) and
+locks it; ``startup`` loads (or creates) the signing key, checks the
 ledger's tail (``selfcheck``), opens the ledger writer, restores the metrics
 (snapshot plus the entries after it), registers the commit listeners, and starts
 the sink host process (``sinks.host``), the renderer process
-(``metrics.render``), the op table (``ops``), the socket and the HTTP port.
-Every resource it starts goes on one exit stack, so a failure half way closes
+(``metrics.render``), the op table (``ops``), the socket and the HTTP port
+(TLS and who may read what from the web config, ``webconfig``; a reload applies a
+changed one). Every resource it starts goes on one exit stack, so a failure half way closes
 what was opened. ``serve`` waits for SIGTERM/SIGINT (SIGHUP reloads).
 ``shutdown`` stops accepting and answers every request already read; the exit
 stack then runs the start-up backwards: close the servers, commit, snapshot the
@@ -32,11 +34,11 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 from ccos_obsd import __version__, selfcheck
 from ccos_obsd.config import Config
 from ccos_obsd.errors import ConfigError, StartupError, VerificationError
-from ccos_obsd.http import build_app
+from ccos_obsd.http import HttpAccess, build_app
 from ccos_obsd.ledger import store
 from ccos_obsd.ledger.keys import SigningKey
 from ccos_obsd.ledger.writer import CommittedEntry, LedgerWriter
-from ccos_obsd.listen import bind_http, bind_ingest_socket, server_address
+from ccos_obsd.listen import HttpListener, bind_ingest_socket, server_address
 from ccos_obsd.log import LogRing, configure_logging, lifecycle_log, log_committed
 from ccos_obsd.metrics.aggregates import Aggregates, LiveGauges, SinkView, WmView
 from ccos_obsd.metrics.calls import LedgerCalls
@@ -45,10 +47,12 @@ from ccos_obsd.metrics.render import Renderer
 from ccos_obsd.metrics.snapshot import MetricsSnapshots
 from ccos_obsd.ops import Ops, WmDeliveredFn
 from ccos_obsd.protocol import ConnectionRegistry
+from ccos_obsd.redact import Redactor
 from ccos_obsd.reload import plan_reload
 from ccos_obsd.sinks.host import SinkHost
-from ccos_obsd.statedir import key_path, load_signing_key, state_dir_lock
+from ccos_obsd.statedir import check_private, key_path, load_redact_key, load_signing_key, state_dir_lock
 from ccos_obsd.systemd import Notifier, PassedSockets, watchdog_interval
+from ccos_obsd.webconfig import WebConfig
 from ccos_obsd.wm.replay import LiveReplay
 from ccos_obsd.wm.store import Budgets
 
@@ -86,11 +90,14 @@ class Daemon:
         )
         self.gauges = LiveGauges()
         self._size_checked_at = float("-inf")
+        self._redact_key: bytes | None = None
         self._sinks: SinkHost | None = None
+        self._http: HttpListener | None = None
         # Set by startup():
         self._writer: LedgerWriter
         self._ops: Ops
         self._connections: ConnectionRegistry
+        self._http_access: HttpAccess
         self._server: asyncio.AbstractServer
 
     def request_stop(self) -> None:
@@ -101,6 +108,7 @@ class Daemon:
 
     async def run(self, ready: Callable[[dict[str, Any]], None] | None = None) -> None:
         configure_logging(self.config.log.level, self.log_ring)
+        check_private(self.config)  # before the lock file is made: a refused start touches nothing
         loop = asyncio.get_running_loop()
         # Installed first and kept until the end: a SIGTERM at any moment (even right
         # after daemon_ready, or a second one during the drain) means "drain and stop".
@@ -120,6 +128,7 @@ class Daemon:
         config = self.config
         db = store.ledger_path(config.state_dir)
         key = load_signing_key(config)
+        redactor = self._redactor(config)
         writer, damage = self._open_ledger(db, key)
         self._writer = writer
         calls = LedgerCalls(db)
@@ -140,7 +149,7 @@ class Daemon:
         readers = store.ReaderPool(db)
         resources.callback(readers.close)
         self._ops = Ops(config, writer, readers.read, self.aggregates, self.log_ring, self._live_replay(db),
-                        self._wm_delivered())
+                        self._wm_delivered(), redactor)
         resources.push_async_callback(self._ops.close)
         self._connections = ConnectionRegistry(config, self._ops, self.gauges)
         registry, renderer = self._metrics_registry(ledger_created)
@@ -198,11 +207,23 @@ class Daemon:
             return None
         render_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ccos-render")
         resources.callback(render_pool.shutdown)
-        app = build_app(self._ops, registry, render_pool, renderer)
+        self._http_access = HttpAccess(None)
+        app = build_app(self._ops, registry, render_pool, renderer, self._http_access)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         resources.push_async_callback(runner.cleanup)
-        return await bind_http(self.config, self._sockets, runner)
+        self._http = HttpListener.bind(self.config, self._sockets, runner)
+        resources.callback(self._http.close)
+        await self._use_web_config(self.config.http.web)
+        return self._http.address
+
+    async def _use_web_config(self, web_config: WebConfig | None) -> None:
+        """Who may read what over HTTP, and TLS for the connections accepted from now on."""
+        if self._http is None:
+            return
+        self._http_access.web = web_config
+        await self._http.serve(web_config.ssl_context if web_config is not None else None)
+        lifecycle_log().info("http_access", **self._http_access.summary())
 
     def _live_replay(self, db: Path) -> LiveReplay | None:
         wm_sink, sinks = self.config.wm_sink, self._sinks
@@ -213,6 +234,14 @@ class Daemon:
             pause_sinks=sinks.stop, resume_sinks=lambda: sinks.restart(self.config),
             budgets=Budgets.from_settings(self.config.wm.max_entries, self.config.wm.max_tokens),
         )
+
+    def _redactor(self, config: Config) -> Redactor | None:
+        """``config``'s ``[[redact]]`` rules compiled (None: no rules); a hashing rule loads the redaction key."""
+        if not config.redact:
+            return None
+        if self._redact_key is None and any(rule.hash for rule in config.redact):
+            self._redact_key = load_redact_key(self.config.state_dir)
+        return Redactor(config.redact, self._redact_key)
 
     def _wm_delivered(self) -> WmDeliveredFn | None:
         """What an ingest call awaits: the WM sink's cursor past its entry (None: Working Memory is off)."""
@@ -312,11 +341,19 @@ class Daemon:
             self._reload_wanted.clear()  # a SIGHUP during the reload is served by one more reload
             await self._reload()
 
+    def _load_reloaded(self) -> tuple[Config, Redactor | None]:
+        """The configuration read again, with its redaction rules compiled (an unusable key is a ConfigError)."""
+        loaded = self._load_config()
+        try:
+            return loaded, self._redactor(loaded)
+        except StartupError as exc:
+            raise ConfigError("redact", str(exc)) from None
+
     async def _reload(self) -> None:
         """Re-read the configuration, apply what can change while running, reopen files."""
         self._notifier.notify(RELOADING=1, MONOTONIC_USEC=time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000)
         try:
-            loaded = await asyncio.to_thread(self._load_config)
+            loaded, redactor = await asyncio.to_thread(self._load_reloaded)
         except ConfigError as exc:
             lifecycle_log().error("config_reload_failed", key=exc.key, error=exc.problem,
                                   note="the running configuration is kept")
@@ -327,6 +364,9 @@ class Daemon:
         if self.config.log.level != previous.log.level:
             configure_logging(self.config.log.level, self.log_ring)
         self._connections.reconfigure(self.config)
+        if "http.web_config" in plan.applied:
+            await self._use_web_config(self.config.http.web)
+        self._ops.redactor = redactor  # [[redact]] is reloadable: the next action goes through the new rules
         if self._sinks is not None:
             # A new sink host process takes the new sink options and reopens every file
             # (after logrotate moved a JSONL file away); cursors make the switch lossless.

@@ -108,7 +108,7 @@ class NotFound(RequestError):
 
 
 class Forbidden(RequestError):
-    """The peer is not in the socket's allow-lists, or the op is switched off by configuration."""
+    """The peer does not hold the op's role on the socket, or the op is switched off by configuration."""
 
     code = "forbidden"
 

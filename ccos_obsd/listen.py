@@ -6,6 +6,7 @@ import asyncio
 import grp
 import os
 import socket
+import ssl
 import stat
 from collections.abc import Callable
 
@@ -18,6 +19,8 @@ from ccos_obsd.log import lifecycle_log
 from ccos_obsd.systemd import PassedSockets
 
 log = structlog.get_logger("ccos_obsd.daemon")
+
+HTTP_BACKLOG = 128
 
 
 async def bind_ingest_socket(
@@ -54,21 +57,70 @@ async def bind_ingest_socket(
     return server
 
 
-async def bind_http(config: Config, passed: PassedSockets, runner: web.AppRunner) -> str:
-    """Start serving ``runner``; answers the bound address as HOST:PORT."""
-    site: web.BaseSite
-    if passed.http is not None:
-        site = web.SockSite(runner, passed.http)
-    else:
-        site = web.TCPSite(runner, config.http.host, config.http.port, reuse_address=True)
+class HttpListener:
+    """The HTTP port: its listening sockets, kept for the daemon's life, each served by an aiohttp site.
+
+    The sockets are bound here (or passed by systemd) rather than by the sites, so
+    that a reload with new TLS settings can start sites with the new SSL context on
+    the same sockets before stopping the old ones: meanwhile connections wait in
+    the backlog (none is refused), and those already open carry on with theirs.
+    """
+
+    def __init__(self, runner: web.AppRunner, sockets: list[socket.socket]) -> None:
+        self._runner = runner
+        self._sockets = sockets
+        self._sites: list[web.SockSite] = []
+        self._context: ssl.SSLContext | None = None
+
+    @classmethod
+    def bind(cls, config: Config, passed: PassedSockets, runner: web.AppRunner) -> HttpListener:
+        if passed.http is not None:
+            return cls(runner, [passed.http])
+        try:
+            return cls(runner, _bind_tcp(config.http.host, config.http.port))
+        except OSError as exc:
+            raise StartupError(f"cannot listen on http {config.http.host}:{config.http.port}: {exc.strerror}") from None
+
+    @property
+    def address(self) -> str:
+        """The first socket's address as HOST:PORT (the bound port, for port 0)."""
+        return address(self._sockets[0])
+
+    async def serve(self, context: ssl.SSLContext | None) -> None:
+        """Serve plain HTTP (None) or HTTPS with ``context`` from now on; a no-op for the context in use."""
+        if self._sites and context is self._context:
+            return
+        # Each site owns (and closes when stopped) a duplicate of the socket; ours stays open.
+        sites = [web.SockSite(self._runner, sock.dup(), ssl_context=context) for sock in self._sockets]
+        for site in sites:
+            await site.start()
+        old, self._sites, self._context = self._sites, sites, context
+        for site in old:
+            await site.stop()
+
+    def close(self) -> None:
+        for sock in self._sockets:
+            sock.close()
+
+
+def _bind_tcp(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets on every address ``host`` resolves to, as asyncio's create_server binds them."""
+    sockets: list[socket.socket] = []
     try:
-        await site.start()
-    except OSError as exc:
-        raise StartupError(f"cannot listen on http {config.http.host}:{config.http.port}: {exc.strerror}") from None
-    server = site._server  # the bound port is only known after start (port 0 in tests)
-    if not isinstance(server, asyncio.Server):
-        raise StartupError("http server did not start")
-    return address(server.sockets[0])
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        for family, kind, proto, _, sockaddr in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(sockaddr)
+            sock.listen(HTTP_BACKLOG)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
 
 
 def _remove_stale_socket(path: os.PathLike[str]) -> None:

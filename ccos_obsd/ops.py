@@ -24,10 +24,11 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import structlog
 
+from ccos_obsd.access import Role
 from ccos_obsd.actions import validate_action
 from ccos_obsd.backup import backup_state_dir
 from ccos_obsd.config import Config
@@ -45,6 +46,7 @@ from ccos_obsd.ledger.entry import ValidatedAction
 from ccos_obsd.ledger.writer import AppendOutcome, AppendResult, LedgerWriter
 from ccos_obsd.log import LogRing
 from ccos_obsd.metrics.aggregates import Aggregates, Histogram
+from ccos_obsd.redact import Redactor
 from ccos_obsd.wm import capability
 from ccos_obsd.wm import store as wm_store
 from ccos_obsd.wm.replay import LiveReplay
@@ -52,7 +54,6 @@ from ccos_obsd.wm.replay import LiveReplay
 log = structlog.get_logger("ccos_obsd.ops")
 
 Answer = dict[str, Any]
-Role = Literal["write", "read", "admin"]
 ReadFn = Callable[[Callable[[Any], Any]], "asyncio.Future[Any]"]
 """Runs a function of a read-only ledger connection off the event loop."""
 WmDeliveredFn = Callable[[int, float], Awaitable[bool]]
@@ -91,6 +92,12 @@ class Op:
     handler: Handler
     in_order: bool
     """Run only once every earlier request on the connection is answered (read-your-writes)."""
+    admin_if: Callable[[dict[str, Any]], bool] | None = None
+    """Requests of this op that need the admin role instead of ``role`` (the ingestor's replay)."""
+
+    def role_for(self, request: dict[str, Any]) -> Role:
+        """The role this request needs."""
+        return "admin" if self.admin_if is not None and self.admin_if(request) else self.role
 
 
 def error_answer(error: RequestError) -> Answer:
@@ -109,8 +116,9 @@ class Ops:
         log_ring: LogRing,
         replay: LiveReplay | None = None,
         wm_delivered: WmDeliveredFn | None = None,
+        redactor: Redactor | None = None,
     ) -> None:
-        """``replay`` and ``wm_delivered`` are None when Working Memory is off."""
+        """``replay`` and ``wm_delivered`` are None when Working Memory is off; ``redactor`` without rules."""
         self._config = config
         self._writer = writer
         self._read = read
@@ -118,6 +126,8 @@ class Ops:
         self._log_ring = log_ring
         self._replay = replay
         self._wm_delivered = wm_delivered
+        self.redactor = redactor
+        """The ``[[redact]]`` rules every action goes through first (replaced on reload)."""
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ingest_lock = threading.Lock()
         self._ingest_durations = Histogram(capability.DURATION_BUCKETS)
@@ -182,6 +192,26 @@ class Ops:
         if pending and self._writer.pending_actions + pending > limit:
             raise Busy(f"more than {limit} actions are waiting for commit; retry shortly")
 
+    def _redacted(self, raw_actions: Sequence[Any]) -> Sequence[Any]:
+        """The actions with the ``[[redact]]`` rules applied, counted in ``ccos_redactions_total``.
+
+        Before validation, so that neither the ledger nor an error answer (nor a log
+        line made of one) ever holds the secret; without rules, the actions as they are.
+        """
+        redactor = self.redactor
+        if redactor is None:
+            return raw_actions
+        redacted: list[Any] = []
+        counts: dict[str, int] = {}
+        for raw in raw_actions:
+            action, found = redactor.redact(raw)
+            redacted.append(action)
+            for name, n in found.items():
+                counts[name] = counts.get(name, 0) + n
+        if counts:
+            self.aggregates.count_redactions(counts)
+        return redacted
+
     def _wm_file(self) -> Path:
         path = self._config.wm_path
         if path is None:
@@ -220,7 +250,7 @@ class Ops:
         check = not caller.line or _SURROGATE_ESCAPE.search(caller.line) is not None
         valid: list[ValidatedAction] = []
         slots: list[RequestError | None] = []
-        for raw in raw_actions:
+        for raw in self._redacted(raw_actions):
             try:
                 valid.append(validate_action(raw, allow_custom_types=allow_custom, check_encodable=check))
                 slots.append(None)
@@ -264,10 +294,10 @@ class Ops:
         if mode == "single" and errors:
             raise InvalidRequest(f"record: {errors[0]['reason']}", field="args")
         self._check_writable(1)
-        call = capability.call_action(mode, records)
-        committed = self._writer.submit([validate_action(call)], caller.peer)
+        call = validate_action(self._redacted([capability.call_action(mode, records)])[0])
+        committed = self._writer.submit([call], caller.peer)
         result = {"mode": mode, "ingested": len(records), "errors": errors}
-        return self._start(self._complete_call(call["action_id"], committed, result, started, caller))
+        return self._start(self._complete_call(call.action_id, committed, result, started, caller))
 
     async def _complete_call(
         self, call_id: str, committed: asyncio.Future[list[AppendOutcome]], result: dict[str, Any],
@@ -304,7 +334,7 @@ class Ops:
         ok = error is None and (bool(result["ingested"]) or not result["errors"])
         outcome = capability.result_action(call_id, result, round(seconds * 1000, 3), ok, error)
         # Not refused while shutting down: the drain waits for this call, and the writer takes appends until then.
-        recorded = (await self._writer.submit([validate_action(outcome)], caller.peer))[0]
+        recorded = (await self._writer.submit([validate_action(self._redacted([outcome])[0])], caller.peer))[0]
         if not isinstance(recorded, AppendResult):
             return error_answer(recorded)
         return {"ok": True, "result": result}
@@ -395,12 +425,10 @@ class Ops:
     def rotate_key(self, request: dict[str, Any], caller: Caller) -> Reply:
         """A new signing key from the next entry on; answers the KeyRotated entry and the new vkey.
 
-        Only root and the daemon's own user may ask: a writer may append, not re-key the ledger.
+        An admin op: the socket serves it to root, the daemon's own user and
+        ``socket.admin_uids``/``admin_gids`` only (``ccos_obsd.protocol``).
         """
         _only(request, set())
-        uid = None if caller.peer is None else caller.peer.get("uid")
-        if uid not in (0, os.getuid()):
-            raise Forbidden("only root or the daemon's own user may rotate the signing key")
         if not self.accepting_writes:
             raise Unavailable("the daemon is shutting down")
         writer = self._writer
@@ -463,14 +491,23 @@ class Ops:
         return self._start(run())
 
 
-def _op(name: str, role: Role, handler: Handler, *, in_order: bool = True) -> tuple[str, Op]:
-    return name, Op(name, role, handler, in_order)
+def _op(
+    name: str, role: Role, handler: Handler, *, in_order: bool = True,
+    admin_if: Callable[[dict[str, Any]], bool] | None = None,
+) -> tuple[str, Op]:
+    return name, Op(name, role, handler, in_order, admin_if)
+
+
+def _is_replay_call(request: dict[str, Any]) -> bool:
+    """``call`` with mode ``replay`` rebuilds Working Memory: the replay op's (admin) work, not a write."""
+    args = request.get("args")
+    return isinstance(args, list) and bool(args) and args[0] == "replay"
 
 
 TABLE: dict[str, Op] = dict([
     _op("append", "write", Ops.append, in_order=False),
     _op("append_batch", "write", Ops.append_batch, in_order=False),
-    _op("call", "write", Ops.capability_call, in_order=False),
+    _op("call", "write", Ops.capability_call, in_order=False, admin_if=_is_replay_call),
     _op("ping", "read", Ops.ping),
     _op("get", "read", Ops.get),
     _op("query", "read", Ops.query),

@@ -6,6 +6,10 @@ ledger writer's queue, so pipelined requests from one client share group
 commits. Answers are written in request order: a connection keeps a queue of
 pending answers and writes the longest ready prefix whenever one completes.
 
+This is the one place the socket's roles are enforced: each op's role (``ops.TABLE``)
+against the roles the peer's kernel credentials hold (``ccos_obsd.access``), before
+the op sees its arguments.
+
 Limits keep every client's cost bounded: a line longer than
 ``socket.max_line_bytes`` is answered ``frame_too_large`` and skipped up to its
 newline; a client with ``socket.max_inflight`` unanswered requests, or one that
@@ -27,7 +31,7 @@ from typing import Any
 
 import structlog
 
-from ccos_obsd.access import AccessPolicy, PeerCredentials, peer_credentials
+from ccos_obsd.access import ALL_ROLES, ROLE_KEYS, AccessPolicy, PeerCredentials, Role, peer_credentials
 from ccos_obsd.config import Config
 from ccos_obsd.errors import (
     BadJson,
@@ -136,8 +140,22 @@ def _pending(op: str, request_id: Any, has_id: bool, reply: Reply) -> _Pending:
     return _Pending(op, request_id, has_id, reply)
 
 
-def dispatch_line(ops: Ops, line: bytes, peer: dict[str, int] | None) -> _Pending:
-    """Parse one request line and start its op (or hold it until earlier answers are out)."""
+def _ignore_refusal(op: str, role: Role) -> None:
+    pass
+
+
+def dispatch_line(
+    ops: Ops,
+    line: bytes,
+    peer: dict[str, int] | None,
+    roles: frozenset[Role] = ALL_ROLES,
+    refused: Callable[[str, Role], None] = _ignore_refusal,
+) -> _Pending:
+    """Parse one request line and start its op (or hold it until earlier answers are out).
+
+    An op whose role is not among the peer's ``roles`` is answered ``forbidden``
+    before its arguments are even looked at, and ``refused(op, role)`` is told.
+    """
     try:
         request = parse_frame(line, ops.config.socket.max_depth)
     except RequestError as error:
@@ -149,6 +167,8 @@ def dispatch_line(ops: Ops, line: bytes, peer: dict[str, int] | None) -> _Pendin
     name = request.pop("op", None)
     caller = Caller(peer, line)
     if name is None:
+        if "write" not in roles:
+            return _forbidden("append", "write", request_id, has_id, peer, refused)
         try:
             return _pending("append", request_id, has_id, ops.append_bare(request, caller))
         except RequestError as error:
@@ -158,6 +178,9 @@ def dispatch_line(ops: Ops, line: bytes, peer: dict[str, int] | None) -> _Pendin
         shown = name[:64] if isinstance(name, str) else repr(name)[:64]
         unknown = UnknownOp(f"unknown op {shown!r} (ops: {', '.join(sorted(TABLE))})", field="op")
         return _Pending("unknown", request_id, has_id, error_answer(unknown))
+    role = op.role_for(request)
+    if role not in roles:
+        return _forbidden(op.name, role, request_id, has_id, peer, refused)
     if op.in_order:
         return _Pending(op.name, request_id, has_id, later=lambda: ops.run(op, request, caller))
     try:
@@ -166,24 +189,15 @@ def dispatch_line(ops: Ops, line: bytes, peer: dict[str, int] | None) -> _Pendin
         return _Pending(op.name, request_id, has_id, error_answer(error))
 
 
-def refuse_line(ops: Ops, line: bytes, credentials: PeerCredentials | None) -> _Pending:
-    """The answer to a peer outside the allow-lists: ``forbidden``, whatever the line asks.
-
-    The line is parsed only to echo its ``id`` and to count the answer under its op.
-    """
-    who = "this peer" if credentials is None else f"uid {credentials.uid}"
-    answer = error_answer(Forbidden(
-        f"{who} may not use this socket (socket.allowed_uids, socket.allowed_gids)"
-    ))
-    try:
-        request = parse_frame(line, ops.config.socket.max_depth)
-    except RequestError:
-        return _Pending("invalid", None, False, answer)
-    op = request.get("op", "append")
-    request_id = request.get("id")
-    has_id = "id" in request and isinstance(request_id, _SCALARS)
-    label = op if isinstance(op, str) and op in TABLE else "unknown"
-    return _Pending(label, request_id if has_id else None, has_id, answer)
+def _forbidden(
+    op: str, role: Role, request_id: Any, has_id: bool, peer: dict[str, int] | None,
+    refused: Callable[[str, Role], None],
+) -> _Pending:
+    refused(op, role)
+    who = "this peer" if peer is None else f"uid {peer['uid']}"
+    uids, gids = ROLE_KEYS[role]
+    error = Forbidden(f"{who} does not have the {role} role that op {op!r} needs ({uids}, {gids})")
+    return _Pending(op, request_id, has_id, error_answer(error))
 
 
 class Connection(asyncio.Protocol):
@@ -206,6 +220,8 @@ class Connection(asyncio.Protocol):
         self._stopped = False
         self.peer: dict[str, int] | None = None
         self.credentials: PeerCredentials | None = None
+        self._policy: AccessPolicy | None = None
+        self._roles: frozenset[Role] = frozenset()
         self.closed = asyncio.get_running_loop().create_future()
 
     # --- asyncio.Protocol
@@ -227,9 +243,7 @@ class Connection(asyncio.Protocol):
         buffer = self._buffer
         buffer += data
         start = 0
-        # Checked per read, not per connection: a reload that changes the allow-lists
-        # applies to connections already open.
-        dispatch = self._dispatch if self._server.access.allows(self.credentials) else self._refuse
+        roles = self._current_roles()
         while True:
             newline = buffer.find(b"\n", start)
             if newline < 0:
@@ -241,7 +255,7 @@ class Connection(asyncio.Protocol):
                 if newline - start > self._max_line:
                     self._too_large()
                 elif line.strip():
-                    self._pending.append(dispatch(line))
+                    self._pending.append(dispatch_line(self._ops, line, self.peer, roles, self._refused))
             start = newline + 1
         del buffer[:start]
         if len(buffer) > self._max_line:
@@ -283,12 +297,15 @@ class Connection(asyncio.Protocol):
 
     _eof = False
 
-    def _dispatch(self, line: bytes) -> _Pending:
-        return dispatch_line(self._ops, line, self.peer)
+    def _current_roles(self) -> frozenset[Role]:
+        """The peer's roles: worked out at its first read, and again after a reload replaced the lists."""
+        access = self._server.access
+        if access is not self._policy:
+            self._policy, self._roles = access, access.roles(self.credentials)
+        return self._roles
 
-    def _refuse(self, line: bytes) -> _Pending:
-        self._server.note_forbidden(self.credentials)
-        return refuse_line(self._ops, line, self.credentials)
+    def _refused(self, op: str, role: Role) -> None:
+        self._server.note_forbidden(self.credentials, op, role)
 
     def _too_large(self) -> None:
         error = FrameTooLarge(
@@ -419,11 +436,11 @@ class ConnectionRegistry:
         self.gauges = gauges
         self._connections: set[Connection] = set()
         self.access = AccessPolicy.from_config(config.socket)
-        """Who may use the socket; a configuration reload replaces it whole."""
-        self._forbidden_uids: set[int | None] = set()
+        """Who holds which role on the socket; a configuration reload replaces it whole."""
+        self._forbidden: set[tuple[int | None, Role]] = set()
 
     def reconfigure(self, config: Config) -> None:
-        """Apply a reloaded configuration: its limits and allow-lists hold from the next request on."""
+        """Apply a reloaded configuration: its limits and role lists hold from the next request on."""
         self.config = config
         self.access = AccessPolicy.from_config(config.socket)
         self.ops.reconfigure(config)
@@ -440,17 +457,18 @@ class ConnectionRegistry:
         self.gauges.connections_open = len(self._connections)
         return True
 
-    def note_forbidden(self, credentials: PeerCredentials | None) -> None:
-        """Log a refused peer, once per uid for the daemon's lifetime."""
+    def note_forbidden(self, credentials: PeerCredentials | None, op: str, role: Role) -> None:
+        """Log a peer refused an op, once per uid and role for the daemon's lifetime (the counter has the rate)."""
         uid = None if credentials is None else credentials.uid
-        if uid in self._forbidden_uids:
+        if (uid, role) in self._forbidden:
             return
-        self._forbidden_uids.add(uid)
+        self._forbidden.add((uid, role))
         if credentials is None:
-            log.warning("peer_forbidden", uid=None, gid=None, pid=None, reason="no peer credentials")
+            log.warning("peer_forbidden", role=role, op=op, uid=None, gid=None, pid=None,
+                        reason="no peer credentials")
         else:
-            log.warning("peer_forbidden", uid=credentials.uid, gid=credentials.gid, pid=credentials.pid,
-                        groups=sorted(credentials.groups))
+            log.warning("peer_forbidden", role=role, op=op, uid=credentials.uid, gid=credentials.gid,
+                        pid=credentials.pid, groups=sorted(credentials.groups))
 
     def forget(self, connection: Connection) -> None:
         self._connections.discard(connection)

@@ -26,9 +26,15 @@ RELOADABLE = frozenset({
     "socket.max_depth",
     "socket.allowed_uids",
     "socket.allowed_gids",
+    "socket.read_uids",
+    "socket.read_gids",
+    "socket.admin_uids",
+    "socket.admin_gids",
     "ledger.max_pending",
     "actions.allow_custom_types",
     "backup.allow_socket",
+    "http.web_config",         # the file is read again on every reload; new TLS settings: new connections
+    "redact",                  # compiled with the reloaded config (Daemon._reload) and handed to the ops
 })
 """Config keys whose new value takes effect without a restart."""
 
@@ -40,6 +46,7 @@ removing a sink, need a restart (a sink's thread and cursor are set up at start)
 _FIELD_KEYS = {
     "http.host": "http.listen",
     "http.port": "http.listen",
+    "http.web": "http.web_config",  # the file's content: a changed file is a changed key
     "checkpoint.interval_s": "checkpoint.interval",
     "metrics.snapshot_interval_s": "metrics.snapshot_interval",
 }
@@ -93,17 +100,26 @@ def plan_reload(running: Config, loaded: Config) -> ReloadPlan:
                 applied.append(key)
             else:
                 restart.append(key)
+        elif key == "redact":
+            config = dataclasses.replace(config, redact=loaded.redact)
+            applied.append(key)
         elif key in RELOADABLE:
-            section, option = key.split(".", 1)
-            value = getattr(getattr(loaded, section), option)
-            updated = dataclasses.replace(getattr(config, section), **{option: value})
-            config = dataclasses.replace(config, **{section: updated})
+            config = _apply_key(config, loaded, key)
             applied.append(key)
         else:
             restart.append(key)
     if not sinks_reshaped and any(key.startswith("sinks.") for key in applied):
         config = dataclasses.replace(config, sinks=loaded.sinks)
     return ReloadPlan(config, tuple(applied), tuple(sorted(restart)))
+
+
+def _apply_key(config: Config, loaded: Config, key: str) -> Config:
+    """``config`` with every field that ``key`` sets taken from ``loaded``."""
+    section = key.split(".", 1)[0]
+    options = {option.name: getattr(getattr(loaded, section), option.name)
+               for option in dataclasses.fields(getattr(config, section))
+               if _FIELD_KEYS.get(f"{section}.{option.name}", f"{section}.{option.name}") == key}
+    return dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section), **options)})
 
 
 def _sink_shape(config: Config) -> list[tuple[str, str, str]]:

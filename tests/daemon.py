@@ -3,14 +3,18 @@
 ``DaemonProcess`` runs ``python -m ccos_obsd run`` on a temporary state dir with
 its socket there and HTTP on a free loopback port, and waits for the
 ``daemon_ready`` log line (no sleeps): that line carries the bound HTTP address.
+With ``reader=True`` it is given a web config with one user (``READER``), whom
+``get`` sends: the routes that return ledger content answer only to a user.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import queue
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -24,14 +28,29 @@ from typing import Any
 from ccos_obsd.client import Client
 
 READY_TIMEOUT_S = 30.0
+READER = ("reader", "reader-password")
+"""The user and password of ``DaemonProcess(reader=True)``."""
 
 
 class DaemonProcess:
-    def __init__(self, state_dir: Path, *extra_args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, state_dir: Path, *extra_args: str, env: dict[str, str] | None = None,
+                 reader: bool = False) -> None:
         self.state_dir = state_dir
         self.socket_path = state_dir / "ccos-obsd.sock"
         self.extra_args = list(extra_args)
+        self.http_auth: tuple[str, str] | None = None
+        """Sent by ``get`` as basic auth."""
+        self.ssl_context: ssl.SSLContext | None = None
+        """``get`` speaks HTTPS with this client context (None: plain HTTP)."""
+        if reader:
+            from tests.tls_helpers import web_config
+
+            user, password = READER
+            self.extra_args += ["--web-config", str(web_config(state_dir / "web.yml", users={user: password}))]
+            self.http_auth = READER
         self.env = {**os.environ, **(env or {})}
+        self.popen_options: dict[str, Any] = {}
+        """More ``subprocess.Popen`` arguments: ``cwd``, ``user``, ``umask``..."""
         self.proc: subprocess.Popen[bytes] | None = None
         self.lines: queue.Queue[dict[str, Any] | str] = queue.Queue()
         self.log: list[dict[str, Any] | str] = []
@@ -40,7 +59,7 @@ class DaemonProcess:
 
     @property
     def http(self) -> str:
-        return f"http://{self.ready['http']}"
+        return f"{'https' if self.ssl_context else 'http'}://{self.ready['http']}"
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "ccos_obsd", "run", "--state-dir", str(self.state_dir),
@@ -48,7 +67,8 @@ class DaemonProcess:
 
     def start(self, *, wait: bool = True) -> DaemonProcess:
         """Start the process; with ``wait`` (default), return once it logged ``daemon_ready``."""
-        self.proc = subprocess.Popen(self.command(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env)
+        self.proc = subprocess.Popen(self.command(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env,
+                                     **self.popen_options)
         self._pump_thread = threading.Thread(target=self._pump, daemon=True)
         self._pump_thread.start()
         if wait:
@@ -95,9 +115,12 @@ class DaemonProcess:
         return Client(self.socket_path, timeout=timeout)
 
     def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-        request = urllib.request.Request(self.http + path, headers=headers or {})  # noqa: S310 - loopback
+        headers = dict(headers or {})
+        if self.http_auth is not None:
+            headers.setdefault("Authorization", basic_auth(*self.http_auth))
+        request = urllib.request.Request(self.http + path, headers=headers)  # noqa: S310 - loopback
         try:
-            with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
+            with urllib.request.urlopen(request, timeout=30, context=self.ssl_context) as response:  # noqa: S310
                 return response.status, dict(response.headers), response.read()
         except urllib.error.HTTPError as error:
             return error.code, dict(error.headers), error.read()
@@ -125,9 +148,15 @@ class DaemonProcess:
         self.stop(signal.SIGKILL)
 
 
+def basic_auth(user: str, password: str) -> str:
+    """An Authorization header's value."""
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
 @contextmanager
-def running_daemon(state_dir: Path, *extra_args: str, env: dict[str, str] | None = None) -> Iterator[DaemonProcess]:
-    daemon = DaemonProcess(state_dir, *extra_args, env=env).start()
+def running_daemon(state_dir: Path, *extra_args: str, env: dict[str, str] | None = None,
+                   reader: bool = False) -> Iterator[DaemonProcess]:
+    daemon = DaemonProcess(state_dir, *extra_args, env=env, reader=reader).start()
     try:
         yield daemon
     finally:

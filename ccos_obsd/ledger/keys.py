@@ -150,17 +150,36 @@ def load_or_create_signing_key(path: Path, name: str) -> tuple[SigningKey, bool]
     Returns the key and whether it was created. Refuses (``StartupError``) a key
     file that group or others can read or write, as ssh does.
     """
+    key = SigningKey.generate(name)
+    if create_private_file(path, (key.skey() + "\n").encode("ascii")):
+        return key, True
+    return _load_signing_key(path), False
+
+
+def create_private_file(path: Path, data: bytes) -> bool:
+    """Create ``path`` (mode 0600) holding ``data``, durably; False if it already exists."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        return _load_signing_key(path), False
-    key = SigningKey.generate(name)
-    with os.fdopen(fd, "w", encoding="ascii") as handle:
-        handle.write(key.skey() + "\n")
+        return False
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
     _fsync_dir(path.parent)
-    return key, True
+    return True
+
+
+def check_private_file(path: Path) -> None:
+    """Refuse (``StartupError``) a key file that is not a regular file, or that group or others can use."""
+    info = path.stat()
+    if not stat.S_ISREG(info.st_mode):
+        raise StartupError(f"key file {path} is not a regular file")
+    if info.st_mode & 0o077:
+        raise StartupError(
+            f"key file {path} has mode {stat.S_IMODE(info.st_mode):04o}: it must not be "
+            f"accessible by group or others (chmod 600 {path})"
+        )
 
 
 def replace_signing_key(path: Path, key: SigningKey) -> None:
@@ -177,14 +196,7 @@ def replace_signing_key(path: Path, key: SigningKey) -> None:
 
 
 def _load_signing_key(path: Path) -> SigningKey:
-    info = path.stat()
-    if not stat.S_ISREG(info.st_mode):
-        raise StartupError(f"key file {path} is not a regular file")
-    if info.st_mode & 0o077:
-        raise StartupError(
-            f"key file {path} has mode {stat.S_IMODE(info.st_mode):04o}: it must not be "
-            f"accessible by group or others (chmod 600 {path})"
-        )
+    check_private_file(path)
     try:
         return SigningKey.from_skey(path.read_text(encoding="ascii"))
     except (KeyFormatError, UnicodeDecodeError, ValueError) as exc:

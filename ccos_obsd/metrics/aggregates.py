@@ -206,6 +206,7 @@ class Aggregates:
         self.commit_batches = Histogram(COMMIT_BATCH_BUCKETS)
         self.ingest_requests: dict[tuple[str, str], int] = {}
         self.refused: dict[str, int] = {}
+        self.redactions: dict[str, int] = {}
         self._overflow_warned: set[str] = set()
 
     @property
@@ -244,6 +245,12 @@ class Aggregates:
             self.ingest_requests[key] = self.ingest_requests.get(key, 0) + 1
             if result != "ok":
                 self.refused[result] = self.refused.get(result, 0) + 1
+
+    def count_redactions(self, counts: Mapping[str, int]) -> None:
+        """Values (or spans) a ``[[redact]]`` rule replaced in one request's actions, by rule name."""
+        with self._lock:
+            for rule, n in counts.items():
+                self.redactions[rule] = self.redactions.get(rule, 0) + n
 
     def _observe(self, fields: Mapping[str, Any]) -> None:
         self.entries += 1
@@ -381,6 +388,7 @@ class Aggregates:
                 commit_batches=self.commit_batches.copy(),
                 ingest_requests=dict(self.ingest_requests),
                 refused=dict(self.refused),
+                redactions=dict(self.redactions),
                 label_overflow=dict(self.label_overflow),
                 unaggregatable=self.unaggregatable,
             )
@@ -406,6 +414,8 @@ class AggregatesSnapshot:
     unaggregatable: int
     calls_started: dict[str, int] = field(default_factory=dict)
     orphan_results: int = 0
+    redactions: dict[str, int] = field(default_factory=dict)
+    """Of this process: values replaced by each ``[[redact]]`` rule."""
 
     def stats(self, *, capability: str | None = None, function: str | None = None) -> dict[str, Any]:
         """The ``stats`` op's answer body (CCOS's capability and function metrics)."""

@@ -97,6 +97,7 @@ def metric_families(state: MetricState) -> Iterator[Metric]:
         *_commit_families(snap),
         *_request_families(snap, state.gauges, state.pending_appends),
         _overflow_family(snap),
+        _redaction_family(snap),
         *_sink_families(state.sinks, state.wm),
         _sink_lag_seconds_family(state.sinks),
     )
@@ -242,6 +243,15 @@ def _overflow_family(snap: AggregatesSnapshot) -> Metric:
         f"Observations counted under the label value {OTHER} because their family already had "
         "metrics.max_label_values distinct values, by family.",
         "family", snap.label_overflow,
+    )
+
+
+def _redaction_family(snap: AggregatesSnapshot) -> Metric:
+    return _counter(
+        "ccos_redactions",
+        "Values (or matched spans) replaced by a [[redact]] rule in the actions this daemon process received "
+        "since it started (counted at append time, before validation), by rule.",
+        "rule", snap.redactions,
     )
 
 

@@ -106,6 +106,7 @@ def dump_aggregates(snap: AggregatesSnapshot, *, process: bool = False) -> dict[
             "commit_batches": encode_histogram(snap.commit_batches),
             "ingest_requests": [[op, result, n] for (op, result), n in snap.ingest_requests.items()],
             "refused": snap.refused,
+            "redactions": snap.redactions,
         }
     return data
 
@@ -140,6 +141,7 @@ def load_aggregates(data: Mapping[str, Any], duration_buckets: tuple[float, ...]
             ingest_requests=({} if process is None
                              else {(str(op), str(result)): int(n) for op, result, n in process["ingest_requests"]}),
             refused={} if process is None else {str(k): int(v) for k, v in process["refused"].items()},
+            redactions={} if process is None else {str(k): int(v) for k, v in process["redactions"].items()},
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ValueError(f"malformed metrics snapshot: {exc!r}") from None

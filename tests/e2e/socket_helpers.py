@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import socket
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,14 +30,18 @@ ZERO_HASH = bytes(32)
 class RawConnection:
     """One Unix-socket connection that sends raw bytes and reads NDJSON answers."""
 
-    def __init__(self, path: Path, timeout: float = ANSWER_TIMEOUT_S) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    def __init__(self, path: Path | socket.socket, timeout: float = ANSWER_TIMEOUT_S) -> None:
+        """Connect to ``path``, or take over a socket connected already (see ``connect_as``)."""
+        if isinstance(path, socket.socket):
+            self.sock = path
+        else:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                self.sock.connect(str(path))
+            except OSError:
+                self.sock.close()
+                raise
         self.sock.settimeout(timeout)
-        try:
-            self.sock.connect(str(path))
-        except OSError:
-            self.sock.close()
-            raise
         self._file = self.sock.makefile("rb")
 
     def __enter__(self) -> RawConnection:
@@ -79,6 +85,40 @@ class RawConnection:
         assert answer["ok"] is True, answer
         head: int = answer["head"]
         return head
+
+
+def connect_as(path: Path, uid: int, gid: int, groups: tuple[int, ...] = ()) -> RawConnection:
+    """A connection the daemon sees as made by ``uid``, ``gid`` and supplementary ``groups`` (needs root).
+
+    A forked child takes those ids, connects, hands the connected socket back over
+    SCM_RIGHTS and exits. The kernel records a peer's credentials at connect()
+    (SO_PEERCRED, SO_PEERGROUPS), so every request this process then sends on it
+    comes from that uid, and the connection can stay open across a reload.
+    """
+    parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with warnings.catch_warnings():
+        # Python >= 3.12 warns about fork() in a process with threads; the child only
+        # makes system calls and leaves with os._exit, so no lock it could inherit is used.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            os.setgroups([gid, *groups])
+            os.setgid(gid)
+            os.setuid(uid)
+            conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            conn.connect(str(path))
+            socket.send_fds(child_end, [b"s"], [conn.fileno()])
+            code = 0
+        finally:
+            os._exit(code)
+    child_end.close()
+    with parent_end:
+        _, fds, _, _ = socket.recv_fds(parent_end, 1, 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and len(fds) == 1, f"uid {uid} could not connect to {path}"
+    return RawConnection(socket.socket(fileno=fds[0]))
 
 
 def unique(prefix: str) -> str:

@@ -49,7 +49,7 @@ class NamespacedDaemon(DaemonProcess):
         self.socket_path = socket_path
 
     def command(self) -> list[str]:
-        mount = 'mount -t tmpfs -o size="$1" tmpfs "$2" && shift 2 && exec "$@"'
+        mount = 'mount -t tmpfs -o size="$1",mode=0700 tmpfs "$2" && shift 2 && exec "$@"'
         return ["unshare", "--user", "--map-root-user", "--mount", "--", "sh", "-c", mount, "sh",
                 str(TMPFS_BYTES), str(self.state_dir), *super().command()]
 

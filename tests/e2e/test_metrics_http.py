@@ -21,7 +21,7 @@ import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families as parse_prometheus
 
-from tests.daemon import DaemonProcess
+from tests.daemon import DaemonProcess, basic_auth
 
 WEIRD = 'we"ird\\name\nü→✓'
 """A capability id with a quote, a backslash, a newline and non-ASCII characters."""
@@ -55,7 +55,7 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 @pytest.fixture(scope="module")
 def populated() -> Iterator[DaemonProcess]:
     with tempfile.TemporaryDirectory(prefix="ccos-") as directory:
-        daemon = DaemonProcess(Path(directory)).start()
+        daemon = DaemonProcess(Path(directory), reader=True).start()  # reads /v1/entries and /v1/logs
         try:
             with daemon.client() as client:
                 for action in ACTIONS:
@@ -337,7 +337,8 @@ def request(daemon: DaemonProcess, method: str, path: str) -> int:
     host, port = daemon.ready["http"].rsplit(":", 1)
     conn = http.client.HTTPConnection(host, int(port), timeout=10)
     try:
-        conn.request(method, path, body=b"x" if method in ("POST", "PUT") else None)
+        headers = {"Authorization": basic_auth(*daemon.http_auth)} if daemon.http_auth else {}
+        conn.request(method, path, body=b"x" if method in ("POST", "PUT") else None, headers=headers)
         response = conn.getresponse()
         response.read()
         return response.status

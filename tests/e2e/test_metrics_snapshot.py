@@ -146,7 +146,7 @@ def test_created_series_only_when_configured(state_dir: Path) -> None:
     from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 
     openmetrics = {"Accept": "application/openmetrics-text; version=1.0.0"}
-    with running_daemon(state_dir) as daemon:
+    with running_daemon(state_dir, reader=True) as daemon:  # GETs /v1/entries
         append_calls(daemon, 0, 5)
         assert "_created" not in daemon.get("/metrics", headers=openmetrics)[2].decode()
         first_entry_ms = json.loads(daemon.get("/v1/entries/0")[2])["entry"]["recorded_at_ms"]

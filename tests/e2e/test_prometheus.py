@@ -161,7 +161,8 @@ def fed() -> Iterator[tuple[DaemonProcess, Sent]]:
 
 
 class Prometheus:
-    def __init__(self, workdir: Path, target: str) -> None:
+    def __init__(self, workdir: Path, target: str = "", scrape_configs: list[dict[str, Any]] | None = None) -> None:
+        """Scrapes ``target`` as job ccos-obsd, or the jobs of ``scrape_configs`` when given."""
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
@@ -170,7 +171,7 @@ class Prometheus:
         config.write_text(json.dumps({  # JSON is YAML
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "rule_files": [str(RULES)],
-            "scrape_configs": [{"job_name": "ccos-obsd", "static_configs": [{"targets": [target]}]}],
+            "scrape_configs": scrape_configs or [{"job_name": "ccos-obsd", "static_configs": [{"targets": [target]}]}],
         }))
         self.log = workdir / "prometheus.log"
         with self.log.open("wb") as log:

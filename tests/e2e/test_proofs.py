@@ -71,7 +71,7 @@ class Live:
 def live() -> Iterator[Live]:
     """One daemon (checkpoint.interval 0.2 s) with 40 entries, shared by the read-only tests."""
     with tempfile.TemporaryDirectory(prefix="ccos-") as directory:
-        daemon = DaemonProcess(Path(directory), env=SHORT_INTERVAL).start()
+        daemon = DaemonProcess(Path(directory), env=SHORT_INTERVAL, reader=True).start()  # GETs inclusion proofs
         try:
             with daemon.client() as client:
                 append_plans(client, 0, 25)

@@ -6,9 +6,22 @@ import grp
 import json
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 from tests.daemon import DaemonProcess, run_cli
+
+
+@pytest.fixture
+def daemon(state_dir: Path) -> Iterator[DaemonProcess]:
+    """The daemon with a reader: the read API's content routes answer only to a user."""
+    process = DaemonProcess(state_dir, reader=True).start()
+    try:
+        yield process
+    finally:
+        process.stop()
 
 
 def test_http_read_api_serves_entries_queries_and_stats(daemon: DaemonProcess) -> None:

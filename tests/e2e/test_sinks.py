@@ -84,7 +84,7 @@ def test_a_bad_sink_option_is_a_configuration_error(state_dir: Path) -> None:
 
 def test_wm_search_digest_and_a_rebuild_with_the_same_digest(state_dir: Path) -> None:
     env = {"CCOS_OBSD_WM_ENABLED": "true"}
-    daemon = DaemonProcess(state_dir, env=env).start()
+    daemon = DaemonProcess(state_dir, env=env, reader=True).start()  # GETs /v1/wm/search
     try:
         with daemon.client() as client:
             for n in range(30):

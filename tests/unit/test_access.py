@@ -1,4 +1,4 @@
-"""The socket's allow-lists: configuration and the admission rule."""
+"""The socket's role lists: configuration and which roles a peer holds."""
 
 from __future__ import annotations
 
@@ -8,17 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from ccos_obsd.access import AccessPolicy, PeerCredentials, peer_credentials
+from ccos_obsd.access import ALL_ROLES, ROLE_KEYS, AccessPolicy, PeerCredentials, peer_credentials
 from ccos_obsd.config import load_config
 from ccos_obsd.errors import ConfigError
 
 
-def policy(uids: tuple[int, ...] = (), gids: tuple[int, ...] = ()) -> AccessPolicy:
-    socket_config = load_config(environ={
-        "CCOS_OBSD_SOCKET_ALLOWED_UIDS": ",".join(map(str, uids)),
-        "CCOS_OBSD_SOCKET_ALLOWED_GIDS": ",".join(map(str, gids)),
-    }).socket
-    return AccessPolicy.from_config(socket_config)
+def policy(**lists: tuple[int, ...]) -> AccessPolicy:
+    """A policy from ``allowed_uids=(...)``, ``read_gids=(...)`` and so on, through the config loader."""
+    environ = {f"CCOS_OBSD_SOCKET_{key.upper()}": ",".join(map(str, ids)) for key, ids in lists.items()}
+    return AccessPolicy.from_config(load_config(environ=environ).socket)
 
 
 def peer(uid: int, gid: int, *groups: int) -> PeerCredentials:
@@ -49,26 +47,57 @@ def test_a_toml_list_of_strings_or_a_scalar_is_refused(tmp_path: Path) -> None:
     assert caught.value.key == "socket.allowed_uids"
 
 
-def test_empty_lists_admit_everyone_even_without_credentials() -> None:
-    open_policy = policy()
-    assert open_policy.open
-    assert open_policy.allows(peer(4001, 4001)) and open_policy.allows(None)
+def test_every_role_list_parses_and_is_named_with_its_config_key(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[socket]\nread_uids = [1001]\nadmin_gids = [990]\n", encoding="utf-8")
+    socket_config = load_config(path, environ={"CCOS_OBSD_SOCKET_READ_GIDS": "7,8"}).socket
+    assert (socket_config.read_uids, socket_config.read_gids) == ((1001,), (7, 8))
+    assert (socket_config.admin_uids, socket_config.admin_gids) == ((), (990,))
+    assert ROLE_KEYS == {
+        "write": ("socket.allowed_uids", "socket.allowed_gids"),
+        "read": ("socket.read_uids", "socket.read_gids"),
+        "admin": ("socket.admin_uids", "socket.admin_gids"),
+    }
+    for role, keys in ROLE_KEYS.items():
+        for key in keys:
+            with pytest.raises(ConfigError) as caught:
+                load_config(environ={f"CCOS_OBSD_{key.upper().replace('.', '_')}": "x"})
+            assert caught.value.key == key, role
 
 
-def test_a_listed_uid_or_any_listed_group_admits() -> None:
-    restricted = policy(uids=(4000,), gids=(4242,))
-    assert not restricted.open
-    assert restricted.allows(peer(4000, 100))
-    assert restricted.allows(peer(4001, 4242))
-    assert restricted.allows(peer(4001, 100, 7, 4242))
-    assert not restricted.allows(peer(4001, 100, 7))
-    assert not restricted.allows(None)
+def test_by_default_anyone_may_write_but_only_root_and_the_daemon_user_read_or_administer() -> None:
+    default = policy()
+    assert default.roles(peer(4001, 4001)) == {"write"}
+    assert default.roles(None) == {"write"}
+    assert default.roles(peer(0, 0)) == ALL_ROLES
+    assert default.roles(peer(os.geteuid(), 100)) == ALL_ROLES
 
 
-def test_root_and_the_daemons_own_uid_are_always_admitted() -> None:
-    restricted = policy(uids=(4000,))
-    assert restricted.allows(peer(0, 0))
-    assert restricted.allows(peer(os.geteuid(), 100))
+def test_a_listed_uid_or_any_listed_group_holds_the_role() -> None:
+    restricted = policy(allowed_uids=(4000,), allowed_gids=(4242,))
+    assert restricted.roles(peer(4000, 100)) == {"write"}
+    assert restricted.roles(peer(4001, 4242)) == {"write"}
+    assert restricted.roles(peer(4001, 100, 7, 4242)) == {"write"}
+    assert restricted.roles(peer(4001, 100, 7)) == set()
+    assert restricted.roles(None) == set()
+
+
+def test_the_roles_are_independent() -> None:
+    lists = policy(allowed_uids=(4000,), read_uids=(4001,), read_gids=(500,), admin_uids=(4002,))
+    assert lists.roles(peer(4000, 100)) == {"write"}
+    assert lists.roles(peer(4001, 100)) == {"read"}
+    assert lists.roles(peer(4003, 100, 500)) == {"read"}
+    assert lists.roles(peer(4002, 100)) == {"admin"}
+    assert lists.roles(peer(4002, 100, 500)) == {"read", "admin"}
+    both = policy(read_uids=(4001,))  # empty write lists: everyone writes, readers too
+    assert both.roles(peer(4001, 100)) == {"write", "read"}
+
+
+def test_root_and_the_daemons_own_uid_hold_every_role_whatever_the_lists() -> None:
+    restricted = policy(allowed_uids=(4000,), read_uids=(4000,), admin_uids=(4000,))
+    assert restricted.roles(peer(0, 0)) == ALL_ROLES
+    assert restricted.roles(peer(os.geteuid(), 100)) == ALL_ROLES
+    assert {"write", "read", "admin"} == ALL_ROLES
 
 
 def test_credentials_of_a_socket_pair_name_this_process() -> None:

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from ccos_obsd.access import ROLE_KEYS, Role
 from ccos_obsd.config import Config, load_config
 from ccos_obsd.errors import InvalidRequest
 from ccos_obsd.ledger import store
@@ -570,9 +571,7 @@ async def test_an_unknown_capability_is_refused(ops: Ops) -> None:
 # --- key rotation
 
 
-async def test_only_root_or_the_daemons_own_user_may_rotate_the_key(ops: Ops) -> None:
-    refused(await ops.call("rotate_key", {}), "forbidden")  # HTTP: no peer at all
-    refused(await ops.call("rotate_key", {}, Caller({"uid": os.getuid() + 1, "gid": 0, "pid": 1})), "forbidden")
+async def test_rotate_key_appends_a_key_rotated_entry_and_answers_the_new_vkey(ops: Ops) -> None:
     await append(ops)
     answer = await ops.call("rotate_key", {}, Caller({"uid": os.getuid(), "gid": 0, "pid": 1}))
     assert (answer["ok"], answer["seq"]) == (True, 1)
@@ -707,6 +706,47 @@ async def test_a_read_starts_only_when_its_turn_comes(ops: Ops) -> None:
     reply = pending.later()
     assert isinstance(reply, Later)
     assert reply.transform(await reply.future)["record"]["entry"]["plan_id"] == "p"
+
+
+@pytest.mark.parametrize(("line", "op", "role"), [
+    (b'{"id":7,"op":"query","no_such_filter":1}', "query", "read"),
+    (b'{"op":"ping"}', "ping", "read"),
+    (b'{"op":"rotate_key","extra":1}', "rotate_key", "admin"),
+    (b'{"op":"backup","dest":"relative"}', "backup", "admin"),
+    (b'{"action_type":"PlanStarted"}', "append", "write"),
+    (b'{"op":"append_batch","actions":[{"action_type":"PlanStarted"}]}', "append_batch", "write"),
+])
+async def test_an_op_outside_the_peers_roles_is_forbidden_before_its_arguments_are_read(
+    ops: Ops, line: bytes, op: str, role: Role
+) -> None:
+    told: list[tuple[str, str]] = []
+    pending = dispatch_line(ops, line, PEER, frozenset(), lambda *refusal: told.append(refusal))
+    assert (pending.op, pending.future, pending.later) == (op, None, None)
+    assert pending.has_id == (b'"id"' in line) and pending.request_id == (7 if pending.has_id else None)
+    uids, gids = ROLE_KEYS[role]
+    message = refused(pending.answer or {}, "forbidden")
+    assert message == f"uid {PEER['uid']} does not have the {role} role that op {op!r} needs ({uids}, {gids})"
+    assert told == [(op, role)]
+    assert (await ops.call("ping", {}))["head"] == 0
+
+
+async def test_a_peer_is_served_the_ops_of_its_roles_only(ops: Ops) -> None:
+    writer: frozenset[Role] = frozenset({"write"})
+    reader: frozenset[Role] = frozenset({"read"})
+    appended = dispatch_line(ops, b'{"action_type":"PlanStarted","plan_id":"p"}', PEER, writer)
+    assert appended.future is not None and appended.transform is not None
+    assert appended.transform(await appended.future)["seq"] == 0
+    refused(dispatch_line(ops, b'{"op":"get","seq":0}', PEER, writer).answer or {}, "forbidden")
+    read = dispatch_line(ops, b'{"op":"get","seq":0}', PEER, reader)
+    assert read.later is not None
+    reply = read.later()
+    assert isinstance(reply, Later)
+    assert reply.transform(await reply.future)["record"]["entry"]["plan_id"] == "p"
+    refused(dispatch_line(ops, b'{"action_type":"PlanStarted"}', PEER, reader).answer or {}, "forbidden")
+    refused(dispatch_line(ops, b'{"op":"rotate_key"}', PEER, reader).answer or {}, "forbidden")
+    # Lines that are no request are answered as such, whatever the roles: they do nothing.
+    refused(dispatch_line(ops, b'{"op":"frobnicate"}', PEER, frozenset()).answer or {}, "unknown_op", "op")
+    refused(dispatch_line(ops, b"[1]", PEER, frozenset()).answer or {}, "bad_json")
 
 
 def test_a_write_with_bad_arguments_is_answered_at_once(ops: Ops) -> None:
