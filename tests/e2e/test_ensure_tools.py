@@ -20,7 +20,7 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "ensure-tools"
 NOBODY = 65534
 ANOTHER_USER = NOBODY if os.geteuid() == 0 else None  # None: this user, who is not root either
-EVERY_COMMAND = ("python3", "promtool", "prometheus", "sqlite3", "socat", "systemd-analyze",
+EVERY_COMMAND = ("python3", "promtool", "prometheus", "sqlite3", "socat", "curl", "systemd-analyze",
                  "systemd-socket-activate", "systemd-sysusers", "nats-server")
 
 requires_root = pytest.mark.skipif(os.geteuid() != 0, reason="runs the script as root")
