@@ -634,7 +634,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         conn.execute("BEGIN")  # one snapshot, even while the daemon appends
         stop = None if args.stop is None else args.stop + 1
         for entry in store.iter_entries(conn, args.start, stop):
-            out.write(json.dumps(entry.export_record(), separators=(",", ":")) + "\n")
+            out.write(entry.export_line() + "\n")
         conn.execute("COMMIT")
     finally:
         conn.close()

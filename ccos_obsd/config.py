@@ -8,6 +8,7 @@ key; only the command line turns it into exit code 2.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import tomllib
@@ -108,6 +109,8 @@ class WmConfig:
     enabled: bool
     max_entries: int
     max_tokens: int
+    linger_ms: int = 100
+    """How long the WM sink may wait for more commits to deliver in one transaction (0 to 100 ms)."""
 
 
 @dataclass(frozen=True)
@@ -130,15 +133,40 @@ class RedactRule:
 
 
 @dataclass(frozen=True)
+class NatsOptions:
+    """A ``nats`` sink's JetStream stream: the servers, its names, and its settings when the sink creates it."""
+
+    servers: tuple[str, ...]
+    stream: str = "CCOS_LEDGER"
+    subject: str = "ccos.ledger"
+    replicas: int = 1
+    max_age_s: float = 0.0
+    """0: entries are kept for ever."""
+    creds_file: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """For the sink host's setup line (:meth:`from_json` reads it back)."""
+        return {**dataclasses.asdict(self), "servers": list(self.servers)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> NatsOptions:
+        return cls(**{**data, "servers": tuple(data["servers"])})
+
+
+@dataclass(frozen=True)
 class SinkConfig:
     """One ``[[sinks]]`` table: its type, its name, and the type's options."""
 
-    type: Literal["wm", "jsonl"]
+    type: Literal["wm", "jsonl", "nats"]
     name: str
     batch: int
     path: Path
     max_bytes: int = 64 * 2**20
     keep: int = 5
+    nats: NatsOptions | None = None
 
 
 @dataclass(frozen=True)
@@ -345,12 +373,15 @@ KEYS: dict[str, tuple[Any, Callable[[Any], Any]]] = {
     "wm.enabled": (True, _bool),
     "wm.max_entries": (0, _int_range(0, 2**62)),
     "wm.max_tokens": (0, _int_range(0, 2**62)),
+    "wm.linger_ms": (100, _int_range(0, 100)),
     "backup.allow_socket": (False, _bool),
 }
 
 _SINK_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _SINK_OPTIONS = {"wm": {"type", "name", "batch", "path"},
-                 "jsonl": {"type", "name", "batch", "path", "max_bytes", "keep"}}
+                 "jsonl": {"type", "name", "batch", "path", "max_bytes", "keep"},
+                 "nats": {"type", "name", "batch", "servers", "stream", "subject", "replicas", "max_age",
+                          "creds_file", "tls_ca", "tls_cert", "tls_key"}}
 
 
 ENV_ALIASES = {
@@ -468,10 +499,49 @@ def _sinks(raw: Any, state_dir: Path, wm_enabled: bool) -> tuple[SinkConfig, ...
             raise ConfigError(f"{where}.path", str(exc)) from None
         if kind == "wm" and not wm_enabled:
             continue
-        sinks.append(SinkConfig(type=kind, name=name, batch=batch, path=path, max_bytes=max_bytes, keep=keep))
+        nats = _nats_options(table, where) if kind == "nats" else None
+        sinks.append(SinkConfig(type=kind, name=name, batch=batch, path=path, max_bytes=max_bytes, keep=keep,
+                                nats=nats))
     if wm_enabled and not any(s.type == "wm" for s in sinks):
         sinks.insert(0, default_wm_sink(state_dir))
     return tuple(sinks)
+
+
+_STREAM_NAME = re.compile(r"[A-Za-z0-9_-]{1,255}")
+_SUBJECT = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
+
+
+def _nats_options(table: dict[str, Any], where: str) -> NatsOptions:
+    """The keys of a ``type = "nats"`` sink, each checked (ConfigError names the one that is wrong)."""
+    servers = table.get("servers")
+    if (not isinstance(servers, list) or not servers
+            or not all(isinstance(url, str) and re.fullmatch(r"(nats|tls)://\S+", url) for url in servers)):
+        raise ConfigError(f"{where}.servers", 'must be a non-empty list of "nats://HOST:PORT" (or tls://) URLs')
+    stream = table.get("stream", "CCOS_LEDGER")
+    if not isinstance(stream, str) or not _STREAM_NAME.fullmatch(stream):
+        raise ConfigError(f"{where}.stream", "must be 1-255 letters, digits, '_' or '-'")
+    subject = table.get("subject", "ccos.ledger")
+    if not isinstance(subject, str) or len(subject) > 200 or not _SUBJECT.fullmatch(subject):
+        raise ConfigError(f"{where}.subject", "must be dot-separated tokens of letters, digits, '_' or '-'"
+                          " (no wildcards)")
+    try:
+        replicas = _int_range(1, 5)(table.get("replicas", 1))
+    except ValueError as exc:
+        raise ConfigError(f"{where}.replicas", str(exc)) from None
+    max_age = table.get("max_age", 0)
+    if isinstance(max_age, bool) or not isinstance(max_age, int | float) or not 0 <= max_age < 2**33:
+        raise ConfigError(f"{where}.max_age", "must be a number of seconds >= 0 (0: kept for ever)")
+    files: dict[str, str | None] = {}
+    for key in ("creds_file", "tls_ca", "tls_cert", "tls_key"):
+        try:
+            files[key] = None if key not in table else str(Path(_path(table[key])).expanduser())
+        except ValueError as exc:
+            raise ConfigError(f"{where}.{key}", str(exc)) from None
+    if (files["tls_cert"] is None) != (files["tls_key"] is None):
+        raise ConfigError(f"{where}.{'tls_key' if files['tls_key'] is None else 'tls_cert'}",
+                          "tls_cert and tls_key go together (the client certificate and its key)")
+    return NatsOptions(servers=tuple(servers), stream=stream, subject=subject, replicas=replicas,
+                       max_age_s=float(max_age), **files)
 
 
 _RULE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -586,7 +656,8 @@ def _build(v: dict[str, Any], raw_sinks: Any = (), raw_redact: Any = ()) -> Conf
         ),
         log=LogConfig(level=v["log.level"], ring_size=v["log.ring_size"]),
         actions=ActionsConfig(allow_custom_types=v["actions.allow_custom_types"]),
-        wm=WmConfig(enabled=v["wm.enabled"], max_entries=v["wm.max_entries"], max_tokens=v["wm.max_tokens"]),
+        wm=WmConfig(enabled=v["wm.enabled"], max_entries=v["wm.max_entries"], max_tokens=v["wm.max_tokens"],
+                     linger_ms=v["wm.linger_ms"]),
         sinks=_sinks(list(raw_sinks), state_dir, v["wm.enabled"]),
         backup=BackupConfig(allow_socket=v["backup.allow_socket"]),
         redact=_redact_rules(raw_redact),

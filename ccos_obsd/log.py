@@ -105,28 +105,27 @@ class _RingAndStreamLogger:
 class ActionLog:
     """The per-action log lines (one per committed entry), written once per group commit.
 
-    The hot path of the daemon logs every action; these lines go through the
-    same structlog JSON renderer as every other line, called directly: the
-    caller passes one ``ts`` for the whole group, and the group's lines are
-    written with one system call.
+    The hot path of the daemon logs every action; these lines are encoded by
+    the same JSON encoder as every other line (what structlog's renderer calls),
+    directly: the caller passes one ``ts`` for the whole group, and the group's
+    lines are written with one system call.
     """
 
     def __init__(self, enabled: bool, out: _RingAndStreamLogger | None) -> None:
         self.enabled = enabled and out is not None
         self._out = out
-        self._render = structlog.processors.JSONRenderer(serializer=_dumps)
 
     def write_group(self, events: list[tuple[str, dict[str, Any]]]) -> None:
         if not self.enabled or self._out is None:
             return
         ts = datetime.now(UTC).isoformat().replace("+00:00", "Z")
-        render = self._render
+        encode = _ENCODER.encode
         lines = []
         for event, fields in events:
             fields["event"] = event
             fields["level"] = "info"
             fields["ts"] = ts
-            lines.append(str(render(None, "info", fields)))
+            lines.append(encode(fields))
         self._out.write_lines(lines)
 
 

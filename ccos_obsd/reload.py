@@ -38,9 +38,10 @@ RELOADABLE = frozenset({
 })
 """Config keys whose new value takes effect without a restart."""
 
-SINK_RELOADABLE = frozenset({"batch", "max_bytes", "keep"})
-"""A sink's options that its runner reads per batch. Its type and path, and adding or
-removing a sink, need a restart (a sink's thread and cursor are set up at start)."""
+SINK_RELOADABLE = frozenset({"batch", "max_bytes", "keep", "nats"})
+"""A sink's options that its runner reads per batch, or (``nats``: servers, stream, credentials) that the
+fresh sink host of a reload connects with. Its type and path, and adding or removing a sink, need a restart
+(a sink's thread and cursor are set up at start)."""
 
 # Config fields whose names differ from the key that sets them.
 _FIELD_KEYS = {

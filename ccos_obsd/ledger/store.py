@@ -160,6 +160,11 @@ class StoredEntry:
             "signature": None if self.signature is None else base64.b64encode(self.signature).decode("ascii"),
         }
 
+    def export_line(self) -> str:
+        """The export record as one line of ``ccos-obsd export`` (without its newline): the one serialisation
+        that the export, the JSONL sink and the NATS sink's message bodies share."""
+        return json.dumps(self.export_record(), separators=(",", ":"))
+
     def query_record(self) -> dict[str, Any]:
         """Like the export record, with the entry parsed into an object for readers."""
         record = self.export_record()
@@ -439,6 +444,17 @@ def read_checkpoints_at(conn: sqlite3.Connection, sizes: Sequence[int]) -> list[
     marks = ", ".join("?" for _ in sizes)
     rows = conn.execute(
         f"SELECT size, root_hash, note, key_id, created_at_ms FROM checkpoints WHERE size IN ({marks})", tuple(sizes)
+    )
+    return [StoredCheckpoint(size, Hash(bytes(root)), note, KeyId(key_id), at) for size, root, note, key_id, at in rows]
+
+
+def read_checkpoints_between(
+    conn: sqlite3.Connection, after_size: int, through_size: int, limit: int
+) -> list[StoredCheckpoint]:
+    """The first ``limit`` checkpoints with ``after_size < size <= through_size``, by size."""
+    rows = conn.execute(
+        "SELECT size, root_hash, note, key_id, created_at_ms FROM checkpoints WHERE size > ? AND size <= ?"
+        " ORDER BY size LIMIT ?", (after_size, through_size, limit)
     )
     return [StoredCheckpoint(size, Hash(bytes(root)), note, KeyId(key_id), at) for size, root, note, key_id, at in rows]
 

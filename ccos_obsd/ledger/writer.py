@@ -37,6 +37,13 @@ log = structlog.get_logger("ccos_obsd.ledger")
 
 _PARALLEL_SIGN_MIN = 64
 """Groups at least this large are signed on two threads (Ed25519 signing releases the GIL)."""
+_POOL_SIGN_MIN = 8
+"""Smaller groups are signed inline on the writer thread, just before their commit,
+unless another group's commit is in flight (then the signing threads overlap it).
+
+At agent rates (one action at a time, nothing in flight) the hand-off to a signing
+thread and back (a queue, a wake-up, a future) costs more CPU than the signature
+itself, and the writer would only wait for it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,7 +238,7 @@ class LedgerWriter:
             if requests is None:
                 stopping = True
                 requests = []
-            prepared = self._prepare(requests) if requests else None
+            prepared = self._prepare(requests, overlapped=in_flight is not None) if requests else None
             if in_flight is not None:
                 committed = self._finish(in_flight)
                 if not committed and prepared is not None:
@@ -283,8 +290,11 @@ class LedgerWriter:
         self._queue.put(None)  # seen again on the next take, after these are written
         return requests
 
-    def _prepare(self, requests: list[_Request]) -> _Group:
-        """Assign seqs, build the entries and start signing; answer duplicates and conflicts."""
+    def _prepare(self, requests: list[_Request], *, overlapped: bool) -> _Group:
+        """Assign seqs, build the entries and start signing; answer duplicates and conflicts.
+
+        ``overlapped``: a group is in flight, whose commit the signing can overlap.
+        """
         outcomes: list[list[AppendOutcome | None]] = [[None] * len(r.actions) for r in requests]
         prepared: list[_Prepared] = []
         next_seq, previous = self._prepared_head.size, self._prepared_head.chain_hash
@@ -313,7 +323,7 @@ class LedgerWriter:
         head_after = Head(next_seq, previous)
         self._prepared_head = head_after
         group = _Group(requests, outcomes, prepared, head_after, now_ms)
-        if prepared and self._sign_entries:
+        if prepared and self._sign_entries and (overlapped or len(prepared) >= _POOL_SIGN_MIN):
             group.signing = self._start_signing(prepared)
         return group
 
@@ -329,6 +339,12 @@ class LedgerWriter:
         return _duplicate_or_conflict(
             action, content_of_entry(json.loads(stored.entry)), stored.seq, stored.leaf_hash, stored.chain_hash
         )
+
+    def _sign_inline(self, prepared: list[_Prepared]) -> None:
+        """Sign a small group on this thread, with the key it was prepared under (a rotation waits for it)."""
+        sign = self._key.sign
+        for pending in prepared:
+            pending.signature = sign(entry_signed_message(pending.entry.chain_hash))
 
     def _start_signing(self, prepared: list[_Prepared]) -> Future[None]:
         sign = self._key.sign
@@ -363,6 +379,8 @@ class LedgerWriter:
                 started = time.perf_counter()
                 if group.signing is not None:
                     group.signing.result()
+                elif self._sign_entries:
+                    self._sign_inline(group.prepared)
                 try:
                     nodes = self._tree.extend_stored(p.entry.leaf_hash for p in group.prepared)
                     checkpoint = self._sign_checkpoint() if self._checkpoint_wait() == 0.0 else None

@@ -8,10 +8,25 @@ least once, so sinks are idempotent. A failing sink is retried with exponential
 backoff; appends never wait for it, and when it recovers it catches up from its
 cursor. A crash anywhere loses nothing: the cursor is behind or at what was
 delivered.
+
+A sink may keep its own cursor (``owns_cursor = True`` and a ``cursor()``
+method, as the Working Memory sink does): it stores it with what each delivery
+wrote, in one transaction, and the runner resumes from it. The ledger's row is
+then a mirror, written at most every ``CURSOR_MIRROR_S`` and at stop (for the
+daemon's lag figures when it starts), with no fsync of its own.
+
+``linger_s``: after a delivery, the runner waits up to that long for more
+entries before the next one (unless a full batch is waiting), so at modest rates
+one transaction covers several commits. A commit's entries wait at most
+``linger_s`` beyond the moment the runner sees them; after an idle spell the
+first commit is delivered at once, and :meth:`SinkRunner.hurry` (somebody waits
+for the delivery) cuts a linger short.
 """
 
 from __future__ import annotations
 
+import math
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -30,6 +45,8 @@ log = structlog.get_logger("ccos_obsd.sinks")
 DELIVERY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BACKOFF_FIRST_S = 0.1
 BACKOFF_MAX_S = 30.0
+CURSOR_MIRROR_S = 1.0
+"""How often the ledger's copy of a self-kept cursor is refreshed (at most)."""
 
 
 class Sink(Protocol):
@@ -73,16 +90,24 @@ class SinkRunner:
         *,
         batch_size: int = 1000,
         on_delivered: Callable[[], None] | None = None,
+        linger_s: float = 0.0,
+        on_idle: Callable[[], None] | None = None,
     ) -> None:
-        """``on_delivered`` is called (on the runner's thread) after each delivery's counters are updated."""
+        """``on_delivered`` is called (on the runner's thread) whenever the counters changed: after each
+        delivery, each failure, and once the sink is open (its own cursor read). ``on_idle`` is called
+        right before the runner waits for :meth:`notify` (it has delivered everything below the head)."""
         self.sink = sink
         self.stats = SinkStats()
         self._db_path = db_path
         self._head = head
         self.batch_size = batch_size
+        self.linger_s = linger_s
         self._on_delivered = on_delivered
+        self._on_idle = on_idle
+        self._owns_cursor = bool(getattr(sink, "owns_cursor", False))
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._hurry = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"ccos-sink-{sink.name}", daemon=True)
         cursor_conn = store.connect(db_path, readonly=False)
         try:
@@ -101,6 +126,10 @@ class SinkRunner:
         """New entries were committed (called from the writer thread: just sets an event)."""
         self._wake.set()
 
+    def hurry(self) -> None:
+        """Somebody waits for a delivery: cut the current (or next) linger short."""
+        self._hurry.set()
+
     def stop(self, catch_up_s: float = 0.0) -> None:
         """Stop after delivering what is committed, waiting at most ``catch_up_s`` for it."""
         deadline = time.monotonic() + catch_up_s
@@ -109,18 +138,46 @@ class SinkRunner:
             self._thread.join(timeout=min(0.05, max(0.0, deadline - time.monotonic())))
         self._stop.set()
         self._wake.set()
+        self._hurry.set()
         if self._thread.is_alive():
             self._thread.join()
+
+    def _changed(self) -> None:
+        if self._on_delivered is not None:
+            self._on_delivered()
+
+    def _own_cursor(self) -> None:
+        """Resume from the cursor the sink keeps, when it keeps one (else the ledger's row stays)."""
+        stored: int | None = self.sink.cursor()  # type: ignore[attr-defined]
+        if stored is None:
+            return  # a store from before it kept its cursor: the ledger's row says where it is
+        head = self._head()
+        if stored > head:
+            log.warning("sink_cursor_ahead", sink=self.sink.name, cursor=stored, head=head,
+                        using=self.stats.cursor)  # a store kept beside another ledger
+            return
+        with self.stats.lock:
+            self.stats.cursor = stored
 
     def _run(self) -> None:
         try:
             self.sink.open()
+            if self._owns_cursor:
+                self._own_cursor()
         except Exception:
             log.exception("sink_open_failed", sink=self.sink.name)
-            self.stats.errors += 1
+            with self.stats.lock:
+                self.stats.errors += 1
+            self._changed()
             return
+        self._changed()
         reader = store.connect(self._db_path, readonly=True)
         cursor_conn = store.connect(self._db_path, readonly=False)
+        if self._owns_cursor:
+            cursor_conn.execute("PRAGMA synchronous=NORMAL")  # a mirror: the sink's own copy is the truth
+        mirrored = self.stats.cursor
+        mirrored_at = time.monotonic()
+        delivered_at = -math.inf
         backoff = BACKOFF_FIRST_S
         failing_since: int | None = None
         try:
@@ -128,9 +185,18 @@ class SinkRunner:
                 head = self._head()
                 start = self.stats.cursor
                 if start >= head:
-                    self._wake.wait(timeout=1.0)
+                    if self._on_idle is not None:
+                        self._on_idle()
+                    self._wake.wait()  # notify() or stop() sets it: no timer runs while idle
                     self._wake.clear()
                     continue
+                if self.linger_s > 0 and head - start < self.batch_size:
+                    remaining = delivered_at + self.linger_s - time.monotonic()
+                    if remaining > 0:
+                        self._hurry.wait(remaining)
+                        if not self._stop.is_set():
+                            self._hurry.clear()  # before reading the head: a later hurry stays set
+                        head = self._head()
                 batch = list(store.iter_entries(reader, start, min(head, start + self.batch_size)))
                 if not batch:
                     self._wake.wait(timeout=0.1)
@@ -139,7 +205,8 @@ class SinkRunner:
                 started = time.perf_counter()
                 try:
                     self.sink.deliver(batch)
-                    store.write_sink_cursor(cursor_conn, self.sink.name, batch[-1].seq + 1)
+                    if not self._owns_cursor:
+                        store.write_sink_cursor(cursor_conn, self.sink.name, batch[-1].seq + 1)
                 except Exception as exc:  # noqa: BLE001 - any failure of a sink is retried, never fatal
                     with self.stats.lock:
                         self.stats.errors += 1
@@ -147,10 +214,12 @@ class SinkRunner:
                         failing_since = start
                         log.warning("sink_delivery_failed", sink=self.sink.name, seq=start, error=str(exc),
                                     retry_in_s=backoff)
+                    self._changed()
                     self._stop.wait(backoff)
                     backoff = min(backoff * 2, BACKOFF_MAX_S)
                     continue
                 elapsed = time.perf_counter() - started
+                delivered_at = time.monotonic()
                 if failing_since is not None:
                     log.info("sink_recovered", sink=self.sink.name, from_seq=failing_since)
                     failing_since = None
@@ -159,8 +228,12 @@ class SinkRunner:
                     self.stats.cursor = batch[-1].seq + 1
                     self.stats.delivered += len(batch)
                     self.stats.durations.observe(elapsed)
-                if self._on_delivered is not None:
-                    self._on_delivered()
+                self._changed()
+                if self._owns_cursor and delivered_at - mirrored_at >= CURSOR_MIRROR_S:
+                    mirrored = self._mirror(cursor_conn, mirrored)
+                    mirrored_at = delivered_at
+            if self._owns_cursor:
+                self._mirror(cursor_conn, mirrored)
         finally:
             reader.close()
             cursor_conn.close()
@@ -168,3 +241,14 @@ class SinkRunner:
                 self.sink.close()
             except Exception:
                 log.exception("sink_close_failed", sink=self.sink.name)
+
+    def _mirror(self, cursor_conn: sqlite3.Connection, mirrored: int) -> int:
+        """Copy a self-kept cursor to the ledger's row if it moved; answers the cursor now mirrored."""
+        cursor = self.stats.cursor
+        if cursor != mirrored:
+            try:
+                store.write_sink_cursor(cursor_conn, self.sink.name, cursor)
+            except sqlite3.Error as exc:  # only a mirror: the next one catches up
+                log.warning("sink_cursor_mirror_failed", sink=self.sink.name, error=str(exc))
+                return mirrored
+        return cursor

@@ -10,14 +10,21 @@ a sink is behind.
 
 The pipes between them:
 
-- the child's stdin: first one JSON line with the setup, then an empty line per
-  commit (a wake-up; the child reads the head from the database itself), and
+- the child's stdin: first one JSON line with the setup, then
+  ``{"hurry": name}`` when a caller waits for sink ``name`` (it delivers without
+  lingering, :meth:`SinkHost.wait_delivered`), and
   ``{"stop": seconds}`` to catch up for at most that long and exit. End of file
   (the daemon died) means exit without catching up.
+- a wake-up pipe (the child's ``CCOS_OBSD_SINK_WAKE_FD``): a byte after a
+  commit (the child reads the head from the database itself), written only when
+  the pipe is empty; and the child reads it only while one of its sinks waits
+  for new entries. So while the sinks deliver or linger, commits cost the child
+  nothing: one unread byte stands for all of them.
 - a stats pipe (the child's fd 3): one JSON line per sink whenever its counters
-  changed: right after each delivery (an ingest call waits for the WM sink's
-  cursor, :meth:`SinkHost.wait_delivered`), else checked every ``STATS_INTERVAL_S``;
-  and once more at exit.
+  changed: once its sink is open, right after each delivery (an ingest call waits
+  for the WM sink's cursor, :meth:`SinkHost.wait_delivered`) and each failure;
+  and once more at exit. Nothing runs on a timer: an idle child sleeps in reads
+  and waits until the daemon writes.
 - the child's stdout and stderr are the daemon's: its log lines go where the
   daemon's go.
 
@@ -29,12 +36,15 @@ sink's lag in seconds.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import subprocess
 import sys
+import termios
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -44,7 +54,7 @@ from typing import IO, Any
 
 import structlog
 
-from ccos_obsd.config import Config, SinkConfig
+from ccos_obsd.config import Config, NatsOptions, SinkConfig
 from ccos_obsd.ledger import store
 from ccos_obsd.ledger.writer import CommittedEntry
 from ccos_obsd.log import LogRing, configure_logging
@@ -59,7 +69,6 @@ from ccos_obsd.wm.store import Budgets
 log = structlog.get_logger("ccos_obsd.sinks.host")
 
 STATS_FD = 3
-STATS_INTERVAL_S = 0.05
 RESTART_FIRST_S = 0.5
 RESTART_MAX_S = 30.0
 CHILD_NICENESS = 10
@@ -67,10 +76,16 @@ STOP_GRACE_S = 10.0
 """Beyond the catch-up time: how long the child may take to finish its batch and exit."""
 
 
-def make_sink(sink_config: SinkConfig, wm_budgets: Budgets | None = None) -> Sink:
-    """The sink a ``[[sinks]]`` table describes."""
+def make_sink(sink_config: SinkConfig, wm_budgets: Budgets | None = None, db: Path | None = None) -> Sink:
+    """The sink a ``[[sinks]]`` table describes (``db``: the ledger, which a ``nats`` sink reads checkpoints from)."""
     if sink_config.type == "wm":
         return WmSink(sink_config.name, sink_config.path, wm_budgets)
+    if sink_config.type == "nats":
+        from ccos_obsd.sinks.nats import NatsSink  # the NATS client is loaded only where a nats sink runs
+
+        if sink_config.nats is None or db is None:
+            raise ValueError("a nats sink needs its options and the ledger database")
+        return NatsSink(sink_config.name, sink_config.nats, db)
     return JsonlSink(sink_config.name, sink_config.path, max_bytes=sink_config.max_bytes, keep=sink_config.keep)
 
 
@@ -105,6 +120,7 @@ class SinkHost:
         self._counters = {s.name: _Counters(s.name, s.type == "wm") for s in config.sinks}
         self._process: subprocess.Popen[bytes] | None = None
         self._wake_fd: int | None = None
+        self._control_fd: int | None = None
         self._reader: threading.Thread | None = None
         self._stopping = threading.Event()
         self._spawn_lock = threading.Lock()
@@ -138,10 +154,13 @@ class SinkHost:
         self.notify()
 
     def notify(self) -> None:
-        """New entries were committed (writer thread): wake the child without ever blocking."""
+        """New entries were committed (writer thread): wake the child without ever blocking.
+
+        An unread byte in the pipe already says "look at the head": no second one.
+        """
         with self._wake_lock, contextlib.suppress(BlockingIOError, BrokenPipeError, OSError):
-            if self._wake_fd is not None:
-                os.write(self._wake_fd, b"\n")  # a full pipe already holds wake-ups: dropping one is fine
+            if self._wake_fd is not None and not _unread(self._wake_fd):
+                os.write(self._wake_fd, b"\n")
 
     def stop(self, catch_up_s: float = 0.0) -> None:
         """Have the child deliver what is committed (for at most ``catch_up_s``) and exit."""
@@ -151,8 +170,8 @@ class SinkHost:
         if process is None:
             return
         with self._wake_lock, contextlib.suppress(OSError):  # OSError: the child is gone already
-            if self._wake_fd is not None:
-                _write_all(self._wake_fd, json.dumps({"stop": catch_up_s}).encode() + b"\n")
+            if self._control_fd is not None:
+                _write_all(self._control_fd, json.dumps({"stop": catch_up_s}).encode() + b"\n")
         try:
             process.wait(timeout=catch_up_s + STOP_GRACE_S)
         except subprocess.TimeoutExpired:
@@ -194,6 +213,7 @@ class SinkHost:
             if counters.cursor >= through:
                 return True
             counters.waiters.append(waiter)
+        self._hurry(name)
         try:
             await asyncio.wait_for(future, timeout_s)
             return True
@@ -202,6 +222,12 @@ class SinkHost:
         finally:
             with self._lock, contextlib.suppress(ValueError):  # ValueError: released already
                 counters.waiters.remove(waiter)
+
+    def _hurry(self, name: str) -> None:
+        """Have sink ``name`` deliver without lingering: somebody waits for it."""
+        with self._wake_lock, contextlib.suppress(BlockingIOError, BrokenPipeError, OSError):
+            if self._control_fd is not None:
+                os.write(self._control_fd, json.dumps({"hurry": name}).encode() + b"\n")  # short: atomic
 
     def _read_cursors(self, *, note_oldest: bool = False) -> None:
         """Each sink's durable cursor; ``note_oldest``: also when the oldest entry one still owes was recorded."""
@@ -230,20 +256,31 @@ class SinkHost:
 
     def _spawn(self) -> None:
         stats_read, stats_write = os.pipe()
-        process = subprocess.Popen(
-            [sys.executable, "-m", "ccos_obsd.sinks.host"],
-            stdin=subprocess.PIPE,
-            pass_fds=(stats_write,),
-            env={**os.environ, "CCOS_OBSD_SINK_STATS_FD": str(stats_write)},
-        )
-        os.close(stats_write)
+        wake_read, wake_write = os.pipe()
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "ccos_obsd.sinks.host"],
+                stdin=subprocess.PIPE,
+                pass_fds=(stats_write, wake_read),
+                env={**os.environ, "CCOS_OBSD_SINK_STATS_FD": str(stats_write),
+                     "CCOS_OBSD_SINK_WAKE_FD": str(wake_read)},
+            )
+        except BaseException:
+            for fd in (stats_read, wake_write):
+                os.close(fd)
+            raise
+        finally:
+            os.close(stats_write)
+            os.close(wake_read)
         assert process.stdin is not None  # noqa: S101 - stdin=PIPE
-        wake_fd = process.stdin.fileno()
-        _write_all(wake_fd, json.dumps(self._setup()).encode() + b"\n")
-        os.set_blocking(wake_fd, False)
+        control_fd = process.stdin.fileno()
+        _write_all(control_fd, json.dumps(self._setup()).encode() + b"\n")
+        os.set_blocking(control_fd, False)
+        os.set_blocking(wake_write, False)
         self._process = process
         with self._wake_lock:
-            self._wake_fd = wake_fd
+            self._control_fd = control_fd
+            self._wake_fd = wake_write
         self._reader = threading.Thread(
             target=self._read_stats, args=(process, os.fdopen(stats_read, "rb")), name="ccos-sink-host", daemon=True
         )
@@ -255,10 +292,11 @@ class SinkHost:
         return {
             "db": str(self._db),
             "log_level": config.log.level,
-            "wm": {"max_entries": config.wm.max_entries, "max_tokens": config.wm.max_tokens},
+            "wm": {"max_entries": config.wm.max_entries, "max_tokens": config.wm.max_tokens,
+                   "linger_ms": config.wm.linger_ms},
             "sinks": [
                 {"type": s.type, "name": s.name, "batch": s.batch, "path": str(s.path),
-                 "max_bytes": s.max_bytes, "keep": s.keep}
+                 "max_bytes": s.max_bytes, "keep": s.keep, "nats": None if s.nats is None else s.nats.to_json()}
                 for s in config.sinks
             ],
         }
@@ -306,7 +344,10 @@ class SinkHost:
     def _close_wake(self) -> None:
         process = self._process
         with self._wake_lock:
-            self._wake_fd = None
+            wake_fd, self._wake_fd, self._control_fd = self._wake_fd, None, None
+            if wake_fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(wake_fd)
             if process is not None and process.stdin is not None:
                 with contextlib.suppress(OSError):
                     process.stdin.close()
@@ -322,6 +363,13 @@ def _merged(base: Histogram, reported: Any) -> Histogram:
     other = decode_histogram(base.bounds, reported)
     return Histogram(base.bounds, [a + b for a, b in zip(base.counts, other.counts, strict=True)],
                      base.total + other.total, base.count + other.count)
+
+
+def _unread(fd: int) -> int:
+    """How many bytes a pipe holds that its reader has not read (asked of either end)."""
+    count = array.array("i", [0])
+    fcntl.ioctl(fd, termios.FIONREAD, count)
+    return count[0]
 
 
 def _write_all(fd: int, data: bytes, within_s: float = 5.0) -> None:
@@ -385,13 +433,20 @@ def child_main() -> int:
     head = _Head(db)
     stats = os.fdopen(int(os.environ["CCOS_OBSD_SINK_STATS_FD"]), "w", buffering=1)
     budgets = Budgets.from_settings(setup["wm"]["max_entries"], setup["wm"]["max_tokens"])
+    wm_linger_s = int(setup["wm"].get("linger_ms", 0)) / 1000
+    wake_fd = int(os.environ["CCOS_OBSD_SINK_WAKE_FD"])
     delivered = threading.Event()
+    waiting = threading.Event()
+    """Set by a runner that waits for new entries: only then is the wake-up pipe read."""
     runners = []
     for raw in setup["sinks"]:
         sink_config = SinkConfig(raw["type"], raw["name"], raw["batch"], Path(raw["path"]),
-                                 raw["max_bytes"], raw["keep"])
-        sink = make_sink(sink_config, budgets)
-        runners.append(SinkRunner(sink, db, head, batch_size=sink_config.batch, on_delivered=delivered.set))
+                                 raw["max_bytes"], raw["keep"],
+                                 None if raw.get("nats") is None else NatsOptions.from_json(raw["nats"]))
+        sink = make_sink(sink_config, budgets, db)
+        runners.append(SinkRunner(sink, db, head, batch_size=sink_config.batch, on_delivered=delivered.set,
+                                  linger_s=wm_linger_s if sink_config.type == "wm" else 0.0,
+                                  on_idle=waiting.set))
     for runner in runners:
         runner.start()
     done = threading.Event()
@@ -405,24 +460,41 @@ def child_main() -> int:
                 stats.write(json.dumps(report) + "\n")
 
     def reporter() -> None:
-        # At once after a delivery (the daemon may be waiting for that cursor); else a periodic look.
+        # At once after a change (the daemon may be waiting for that cursor); no timer.
         while not done.is_set():
-            delivered.wait(STATS_INTERVAL_S)
+            delivered.wait()
             delivered.clear()
             try:
                 publish()
             except (BrokenPipeError, ValueError):
                 return  # the daemon is gone; stdin's end of file stops us
 
+    def waker() -> None:
+        # Cleared before the runners are told: a runner that waits again after this sets it again.
+        while True:
+            waiting.wait()
+            try:
+                if not os.read(wake_fd, 4096):
+                    return  # the daemon is gone; stdin's end of file stops us
+            except OSError:
+                return
+            waiting.clear()
+            for runner in runners:
+                runner.notify()
+
     reporting = threading.Thread(target=reporter, name="ccos-sink-stats", daemon=True)
     reporting.start()
+    threading.Thread(target=waker, name="ccos-sink-wake", daemon=True).start()
     catch_up_s = 0.0
     for line in sys.stdin.buffer:
-        if line.strip():
-            catch_up_s = float(json.loads(line).get("stop", 0.0))
-            break
-        for runner in runners:
-            runner.notify()
+        command = json.loads(line)
+        if "hurry" in command:
+            for runner in runners:
+                if runner.sink.name == command["hurry"]:
+                    runner.hurry()
+            continue
+        catch_up_s = float(command.get("stop", 0.0))
+        break
     for runner in runners:
         runner.stop(catch_up_s=catch_up_s)
     done.set()

@@ -9,7 +9,6 @@ batch may appear twice in the file (at least once), each record naming its seq.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,9 +35,7 @@ class JsonlSink:
     def deliver(self, entries: Sequence[StoredEntry]) -> None:
         if self._file is None:
             raise RuntimeError("the JSONL sink is not open")
-        data = b"".join(
-            json.dumps(entry.export_record(), separators=(",", ":")).encode("utf-8") + b"\n" for entry in entries
-        )
+        data = b"".join(entry.export_line().encode("utf-8") + b"\n" for entry in entries)
         if self._file.tell() and self._file.tell() + len(data) > self.max_bytes:
             self._rotate()
         self._file.write(data)

@@ -111,9 +111,9 @@ def rebuild(
 ) -> dict[str, int]:
     """Replay the ledger from ``start`` into the WM store (from scratch when ``start`` is 0), keeping ``budgets``.
 
-    Moves the WM sink's cursor to the end, so a daemon started afterwards continues
-    from there. Returns how many ledger entries were scanned and WM entries added
-    (entries the budgets evicted again count).
+    Moves the WM sink's cursor to the end (the store's own, and the ledger's mirror of
+    it), so a daemon started afterwards continues from there. Returns how many ledger
+    entries were scanned and WM entries added (entries the budgets evicted again count).
     """
     conn = store.connect(ledger_db, readonly=True)
     try:
@@ -126,6 +126,7 @@ def rebuild(
                     scanned, added = replay_range(wm, ledger_db, start, head, progress, budgets)
             else:
                 scanned, added = replay_range(wm, ledger_db, start, head, progress, budgets)
+            wm.set_cursor(head)  # the WM sink's own cursor, kept in the store (see WmSink)
         conn.execute("COMMIT")
     finally:
         conn.close()

@@ -17,8 +17,11 @@ Layout (``wm.db`` under the state dir by default, WAL mode, 8 KiB pages):
   largest lateness of an arrival (see :meth:`WmStore._text_docs`), updated in
   the same transaction as every change, so ``count()``, ``digest()`` and the
   budget check never scan.
-- ``wm_meta``: the format version and, once budgets evicted an entry, the
-  eviction mark (:class:`Budgets`).
+- ``wm_meta``: the format version, once budgets evicted an entry the
+  eviction mark (:class:`Budgets`), and the WM sink's cursor: the next ledger
+  seq it is to be given, written in the same transaction as the entries it
+  covers (:meth:`WmStore.cursor`), so what the file holds and where delivery
+  resumes never disagree, whatever a crash or a power loss cut off.
 
 Only this class writes the file: the tables must change together. The
 socket op, the HTTP route and the CLI read through :func:`search` and
@@ -73,6 +76,8 @@ _DIGEST_CONTEXT = b"ccos-obsd/wm-digest/v1\x00"
 _STREAM_CHUNK = 256
 _MARK_KEY = "evicted_through"
 """``wm_meta`` key of the eviction mark (see :class:`Budgets`)."""
+_CURSOR_KEY = "next_seq"
+"""``wm_meta`` key of the WM sink's cursor (see :meth:`WmStore.cursor`)."""
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS wm_meta (
@@ -249,9 +254,11 @@ class WmStore:
         """Open (creating if needed) a read-write store at ``path``.
 
         ``durable=False`` relaxes fsync to SQLite's ``synchronous=NORMAL``: a power
-        loss may then drop the last commits. Keep the default when the sink's
-        cursor is kept in another file, which could then point past entries this
-        one lost; a rebuild from scratch can use ``False``.
+        loss may then drop the last commits (never a process crash: WAL). That is
+        safe when the cursor lives here (:meth:`cursor`, as the WM sink keeps it):
+        a lost tail takes its cursor with it and is delivered again from the
+        ledger. Keep the default when a cursor is kept in another file, which
+        could then point past entries this one lost.
 
         A file that holds other tables than a store's is refused
         (``sqlite3.DatabaseError``), and so is a store of another format.
@@ -318,14 +325,19 @@ class WmStore:
 
     # --- writes
 
-    def ingest(self, entries: Sequence[WmEntry], budgets: Budgets | None = None) -> int:
+    def ingest(
+        self, entries: Sequence[WmEntry], budgets: Budgets | None = None, *, next_seq: int | None = None
+    ) -> int:
         """Add the entries whose ids are not stored yet and keep ``budgets``, in one transaction.
 
+        ``next_seq``: also move the cursor (:meth:`cursor`) there, in the same transaction.
         Returns how many entries were added (an entry evicted in the same call counts).
         """
-        return self.ingest_prepared(prepare(entries), budgets)
+        return self.ingest_prepared(prepare(entries), budgets, next_seq=next_seq)
 
-    def ingest_prepared(self, prepared: Sequence[PreparedEntry], budgets: Budgets | None = None) -> int:
+    def ingest_prepared(
+        self, prepared: Sequence[PreparedEntry], budgets: Budgets | None = None, *, next_seq: int | None = None
+    ) -> int:
         """:meth:`ingest` for entries :func:`prepare` (possibly in another process) already encoded.
 
         With budgets, an entry at or below the eviction mark is not added (see :class:`Budgets`).
@@ -334,9 +346,11 @@ class WmStore:
         batch: dict[str, PreparedEntry] = {}
         for entry in prepared:
             batch.setdefault(entry.id, entry)
-        if not batch and budgets is None:
+        if not batch and budgets is None and next_seq is None:
             return 0
         with self._transaction() as conn:
+            if next_seq is not None:
+                _advance_cursor(conn, next_seq)
             # Entries whose id_key matches, then their actual ids: exact whatever the keys collide.
             known = {
                 row[0]
@@ -439,17 +453,30 @@ class WmStore:
                 txn.execute("INSERT INTO wm_fts (wm_fts, rank) VALUES ('automerge', ?)", (FTS_AUTOMERGE,))
 
     def clear(self) -> None:
-        """Remove every entry and the eviction mark (before a rebuild from the ledger)."""
+        """Remove every entry and the eviction mark (before a rebuild from the ledger); the cursor goes to 0."""
         self._check_writable()
         with self._transaction() as conn:
             conn.execute("DELETE FROM wm_meta WHERE key = ?", (_MARK_KEY,))
+            _write_cursor(conn, 0)  # an interrupted rebuild leaves an empty store that the sink refills from 0
             # Dropping truncates; deleting a million rows one by one does not.
             for table in _TABLES:
                 conn.execute(f"DROP TABLE IF EXISTS {table}")
             for statement in _SCHEMA:
                 conn.execute(statement)
 
+    def set_cursor(self, next_seq: int) -> None:
+        """Move the cursor (:meth:`cursor`) on its own, e.g. after a rebuild ingested through ``next_seq``."""
+        self._check_writable()
+        with self._transaction() as conn:
+            _write_cursor(conn, next_seq)
+
     # --- reads
+
+    def cursor(self) -> int | None:
+        """The next ledger seq the WM sink is to deliver: every entry below it is in this store (or was
+        evicted), none above it. None when no sink wrote one (a store from before the cursor moved here)."""
+        row = self._conn.execute("SELECT value FROM wm_meta WHERE key = ?", (_CURSOR_KEY,)).fetchone()
+        return None if row is None else int(row[0])
 
     def count(self) -> int:
         return self._stats()[0]
@@ -702,6 +729,20 @@ def _eviction_mark(conn: sqlite3.Connection) -> tuple[float, int] | None:
         return None
     timestamp_s, seq = json.loads(row[0])
     return float(timestamp_s), int(seq)
+
+
+def _write_cursor(conn: sqlite3.Connection, next_seq: int) -> None:
+    conn.execute("INSERT OR REPLACE INTO wm_meta (key, value) VALUES (?, ?)", (_CURSOR_KEY, str(next_seq)))
+
+
+def _advance_cursor(conn: sqlite3.Connection, next_seq: int) -> None:
+    """Move the cursor forward only: two sink hosts that briefly overlap (a daemon was killed and
+    restarted) each deliver in order, and a cursor either wrote was true when written."""
+    conn.execute(
+        "INSERT INTO wm_meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE"
+        " SET value = CAST(max(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER)) AS TEXT)",
+        (_CURSOR_KEY, str(next_seq)),
+    )
 
 
 def _tune(conn: sqlite3.Connection) -> None:

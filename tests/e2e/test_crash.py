@@ -228,6 +228,17 @@ def crashed_state(state_dir: Path) -> tuple[int, int, int]:
         (checkpoint,) = conn.execute("SELECT coalesce(max(size), 0) FROM checkpoints").fetchone()
     finally:
         conn.close()
+    # The WM sink keeps its own cursor in wm.db, moved with the entries it covers; the
+    # ledger's row is a mirror refreshed now and then.
+    wm_file = state_dir / "wm.db"
+    if wm_file.exists():
+        wm = sqlite3.connect(f"{wm_file.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            own = wm.execute("SELECT value FROM wm_meta WHERE key = 'next_seq'").fetchone()
+        finally:
+            wm.close()
+        if own is not None:
+            cursor = (int(own[0]),)
     return entries, 0 if cursor is None else cursor[0], checkpoint
 
 

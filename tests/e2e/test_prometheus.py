@@ -54,8 +54,8 @@ RECORDS = [
     "job:ccos_cost:rate5m",
     "capability:ccos_capability_cost:rate5m",
 ]
-ALERTS = ["CcosObsdDown", "CcosSinkLagGrowing", "CcosNoRecentCheckpoint", "CcosCommitLatencyHigh",
-          "CcosMetricsLabelOverflow"]
+ALERTS = ["CcosObsdDown", "CcosSinkLagGrowing", "CcosSinkFailing", "CcosNoRecentCheckpoint",
+          "CcosCommitLatencyHigh", "CcosMetricsLabelOverflow"]
 
 
 def wait_for(condition: Callable[[], Any], what: str, timeout: float = DEADLINE_S) -> Any:

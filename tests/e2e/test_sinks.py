@@ -334,3 +334,23 @@ def test_a_sink_host_that_dies_is_restarted_and_its_counters_never_go_back(state
         assert sample(daemon, "ccos_sink_lag_entries", sink="wm") == 0
         # Counters carry on from the dead host's: at least every entry, never reset to the new host's own.
         assert sample(daemon, "ccos_sink_delivered_total", sink="wm") >= 80
+
+
+def cpu_ticks(pid: int) -> int:
+    """utime + stime of a process, in clock ticks (/proc/PID/stat fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def test_an_idle_sink_host_does_not_wake_up(state_dir: Path) -> None:
+    with running_daemon(state_dir) as daemon:
+        with daemon.client() as client:
+            for n in range(20):
+                client.append({"action_type": "PlanStarted", "plan_id": f"p{n}"})
+        wait_for(lambda: sample(daemon, "ccos_sink_lag_entries", sink="wm") == 0, "WM to catch up")
+        pid = sink_host_pid(daemon)
+        time.sleep(0.5)  # let the last report and the cursor mirror finish
+        before = cpu_ticks(pid)
+        time.sleep(5.0)  # a measurement window, not a wait for something
+        # No timers and no polling: 5 s of no traffic cost it nothing (a 20 Hz timer cost about 2 ticks).
+        assert cpu_ticks(pid) - before == 0

@@ -24,7 +24,14 @@ from ccos_obsd.ledger.entry import KEY_ROTATED, ValidatedAction
 from ccos_obsd.ledger.hashing import CHAIN_ROOT, Hash, chain_hash, entry_signed_message, leaf_hash
 from ccos_obsd.ledger.keys import SigningKey, load_or_create_signing_key
 from ccos_obsd.ledger.verify import CheckpointRecord, KeyRange, KeyRing, VerifyReport, verify_entries
-from ccos_obsd.ledger.writer import AppendOutcome, AppendResult, CommittedEntry, LedgerWriter
+from ccos_obsd.ledger.writer import (
+    _PARALLEL_SIGN_MIN,
+    _POOL_SIGN_MIN,
+    AppendOutcome,
+    AppendResult,
+    CommittedEntry,
+    LedgerWriter,
+)
 
 KEY_NAME = "test/ccos-obsd"
 PEER = {"uid": 1000, "gid": 100, "pid": 4242}
@@ -134,6 +141,36 @@ async def test_each_entry_is_signed_over_its_chain_hash(ledger: Ledger) -> None:
     assert stored.key_id == verifier.key_id
     assert stored.signature is not None
     assert verifier.verify(stored.signature, entry_signed_message(stored.chain_hash))
+
+
+@pytest.mark.parametrize("size", [1, _POOL_SIGN_MIN - 1, _POOL_SIGN_MIN, _PARALLEL_SIGN_MIN + 1])
+async def test_groups_of_every_size_are_signed_inline_or_on_the_pool_alike(tmp_path: Path, size: int) -> None:
+    # Small groups are signed on the writer thread, larger ones on one or two signing threads.
+    waiting = Ledger(tmp_path)
+    futures = [waiting.writer.submit([plan_started(f"p{n}")], None) for n in range(size)]
+    waiting.writer.start()
+    try:
+        await asyncio.gather(*futures)
+        key_before = waiting.writer.key
+        rotated = appended(await waiting.writer.rotate_key(None))
+        [after] = await waiting.append(plan_started("after"))
+    finally:
+        await asyncio.to_thread(waiting.writer.close)
+    assert [len(g) for g in waiting.commits.groups] == [size, 1, 1]
+    entries = waiting.entries()
+    assert len(entries) == size + 2
+    for stored in entries[: size + 1]:
+        assert stored.key_id == key_before.verifier.key_id
+        assert stored.signature is not None
+        assert key_before.verifier.verify(stored.signature, entry_signed_message(stored.chain_hash))
+    assert entries[size].seq == rotated.seq
+    last = entries[-1]
+    assert last.seq == appended(after).seq
+    assert last.key_id == waiting.writer.key.verifier.key_id != key_before.verifier.key_id
+    assert last.signature is not None
+    assert waiting.writer.key.verifier.verify(last.signature, entry_signed_message(last.chain_hash))
+    report = waiting.verify()
+    assert (report.entries, report.signatures_checked) == (size + 2, size + 2)
 
 
 async def test_appends_queued_together_share_one_commit(tmp_path: Path) -> None:
