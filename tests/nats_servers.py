@@ -13,7 +13,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,8 @@ from typing import Any, TypeVar
 
 import nats
 from nats.js.errors import NotFoundError
+
+from tests.waiting import wait_for
 
 NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 START_TIMEOUT_S = 30.0
@@ -35,14 +36,7 @@ def free_port() -> int:
 
 def wait_until(condition: Callable[[], Any], what: str, timeout: float = START_TIMEOUT_S) -> Any:
     """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)  # poll interval of the wait, not a synchronisation
+    return wait_for(condition, what, timeout)
 
 
 class NatsServer:

@@ -13,7 +13,6 @@ import json
 import os
 import socket
 import threading
-import time
 import uuid
 import warnings
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.daemon import DaemonProcess
+from tests.waiting import wait_for
 
 ANSWER_TIMEOUT_S = 10.0
 APPEND_FIELDS = {"ok", "seq", "action_id", "leaf_hash", "chain_hash", "duplicate"}
@@ -163,12 +163,7 @@ def assert_appended(answer: dict[str, Any], seq: int | None = None) -> None:
 
 def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
     """Poll ``condition`` until it holds; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    pause = threading.Event()
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        pause.wait(0.01)  # poll interval of a deadline-bounded wait, not a synchronising sleep
+    wait_for(condition, what, timeout, poll=0.01)
 
 
 def metric_value(daemon: DaemonProcess, name: str) -> float:

@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 
 from tests.daemon import DaemonProcess
+from tests.waiting import wait_for as wait_for_condition
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = ROOT / "config" / "prometheus"
@@ -60,14 +61,7 @@ ALERTS = ["CcosObsdDown", "CcosSinkLagGrowing", "CcosSinkFailing", "CcosNoRecent
 
 def wait_for(condition: Callable[[], Any], what: str, timeout: float = DEADLINE_S) -> Any:
     """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.2)  # poll interval of the wait, not a synchronisation
+    return wait_for_condition(condition, what, timeout, poll=0.2)
 
 
 # --- promtool

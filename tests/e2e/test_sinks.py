@@ -12,6 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.daemon import DaemonProcess, run_cli, running_daemon
+from tests.waiting import wait_for
 
 
 def sample(daemon: DaemonProcess, name: str, **labels: str) -> float | None:
@@ -20,13 +21,6 @@ def sample(daemon: DaemonProcess, name: str, **labels: str) -> float | None:
             if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
                 return float(s.value)
     return None
-
-
-def wait_for(condition, what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
 
 
 def start(state_dir: Path, config: Path) -> DaemonProcess:
