@@ -12,7 +12,7 @@ import dataclasses
 import os
 import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -465,14 +465,27 @@ def _from_environ(environ: Mapping[str, str]) -> dict[str, str]:
     return found
 
 
-def _sinks(raw: Any, state_dir: Path, wm_enabled: bool) -> tuple[SinkConfig, ...]:
+def tables_of(raw: Any, key: str, *, known: Collection[str] | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Each table of the array of tables ``[[key]]`` with its name for errors (``key[N]``).
+
+    With ``known``, an option outside it raises ``ConfigError`` naming ``key[N].option``.
+    """
     if not isinstance(raw, list):
-        raise ConfigError("sinks", "must be an array of tables ([[sinks]])")
-    sinks: list[SinkConfig] = []
+        raise ConfigError(key, f"must be an array of tables ([[{key}]])")
     for i, table in enumerate(raw):
-        where = f"sinks[{i}]"
+        where = f"{key}[{i}]"
         if not isinstance(table, dict):
             raise ConfigError(where, "must be a table")
+        if known is not None:
+            for option in table:
+                if option not in known:
+                    raise ConfigError(f"{where}.{option}", f"unknown option (known: {', '.join(sorted(known))})")
+        yield where, table
+
+
+def _sinks(raw: Any, state_dir: Path, wm_enabled: bool) -> tuple[SinkConfig, ...]:
+    sinks: list[SinkConfig] = []
+    for where, table in tables_of(raw, "sinks"):
         kind = table.get("type")
         if kind not in _SINK_OPTIONS:
             raise ConfigError(f"{where}.type", f"must be one of {', '.join(sorted(_SINK_OPTIONS))} (got {kind!r})")
@@ -553,16 +566,8 @@ _WHOLE_FIELDS = STRING_FIELDS - {"action_id"}
 
 def _redact_rules(raw: Any) -> tuple[RedactRule, ...]:
     """The ``[[redact]]`` tables, checked; a bad one raises ``ConfigError`` naming ``redact[N].option``."""
-    if not isinstance(raw, list):
-        raise ConfigError("redact", "must be an array of tables ([[redact]])")
     rules: list[RedactRule] = []
-    for i, table in enumerate(raw):
-        where = f"redact[{i}]"
-        if not isinstance(table, dict):
-            raise ConfigError(where, "must be a table")
-        for option in table:
-            if option not in _RULE_OPTIONS:
-                raise ConfigError(f"{where}.{option}", f"unknown option (known: {', '.join(sorted(_RULE_OPTIONS))})")
+    for where, table in tables_of(raw, "redact", known=_RULE_OPTIONS):
         name = table.get("name")
         if not isinstance(name, str) or not _RULE_NAME.fullmatch(name):
             raise ConfigError(f"{where}.name", "must be 1-64 letters, digits, '_', '.' or '-'")
